@@ -1,0 +1,240 @@
+"""Transformer language model with cached relative-position attention, adaptive
+span and persistent memory: the ``TransformerSeq`` of the reference, with its
+state-dict names.
+
+Dimension legend: B batch, M block length, L max span, C cached positions,
+H hidden, I feed-forward inner size, K heads, D = H / K head dim,
+N persistent vectors, V vocabulary.
+
+Layers are post-LayerNorm: ``h = LN1(h + Attn(h))`` then ``LN2(h + FF(h))``
+(no FF and no LN2 when persistent memory replaces it). The cache of layer l
+holds the last ``cache_size`` inputs of layer l, detached.
+"""
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adaptive_span import AdaptiveSpan
+from attention import reference_attention
+from persistent_memory import PersistentMemory
+
+ATTN_IMPLS = {"reference": reference_attention}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int = 256
+    inner_hidden_size: int = 1024
+    nlayers: int = 8
+    nheads: int = 2
+    attn_span: int = 32
+    dropout: float = 0.2
+    emb_dropout: float = 0.0
+    adapt_span: bool = False
+    adapt_span_loss: float = 0.0
+    adapt_span_ramp: int = 32
+    adapt_span_init: float = 0.0
+    adapt_span_cache: bool = False
+    pers_mem_size: int = 0
+    pers_mem_keep_ff: bool = False
+    attn_impl: str = "reference"
+    adapt_io: bool = False
+    adapt_io_tied: bool = False
+    adapt_io_divval: int = 4
+    adapt_io_cutoffs: List[int] = field(default_factory=lambda: [20000, 40000, 200000])
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.nheads
+
+    @property
+    def has_ff(self) -> bool:
+        return self.pers_mem_size == 0 or self.pers_mem_keep_ff
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SeqAttention(nn.Module):
+    """Holds the span and persistent-memory modules (reference name: ``attn.attn``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nheads = cfg.nheads
+        self.dropout = cfg.dropout
+        self.impl = ATTN_IMPLS[cfg.attn_impl]
+        self.adaptive_span = None
+        self.persistent_memory = None
+        if cfg.adapt_span:
+            self.adaptive_span = AdaptiveSpan(cfg.attn_span, cfg.nheads, cfg.adapt_span_ramp,
+                                              cfg.adapt_span_init, cfg.adapt_span_loss,
+                                              cfg.adapt_span_cache)
+        if cfg.pers_mem_size > 0:
+            self.persistent_memory = PersistentMemory(cfg.pers_mem_size, cfg.nheads, cfg.head_dim,
+                                                      cfg.dropout)
+
+    def forward(self, query, h_all, w_key, w_val, key_pe):
+        return self.impl(query, h_all, w_key, w_val, key_pe, self.nheads, self.adaptive_span,
+                         self.persistent_memory, self.dropout, self.training)  # (B, M, H)
+
+
+class MultiHeadSeqAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.attn = SeqAttention(cfg)
+        # registration order of the reference (it fixes the optimizer-state order)
+        self.proj_query = nn.Linear(H, H, bias=False)
+        self.proj_out = nn.Linear(H, H, bias=False)
+        self.proj_val = nn.Linear(H, H, bias=False)
+        self.proj_key = nn.Linear(H, H, bias=False)
+
+    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor) -> torch.Tensor:
+        h_all = torch.cat([cache, h], dim=1)  # (B, C+M, H)
+        query = self.proj_query(h)  # (B, M, H)
+        out = self.attn(query, h_all, self.proj_key.weight, self.proj_val.weight, key_pe)  # (B, M, H)
+        return self.proj_out(out)  # (B, M, H)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden_size: int, inner_size: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, inner_size)
+        self.fc2 = nn.Linear(inner_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        inner = F.relu(self.fc1(h))  # (B, M, I)
+        inner = F.dropout(inner, self.dropout, self.training)  # (B, M, I)
+        return self.fc2(inner)  # (B, M, H)
+
+
+class TransformerSeqLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = MultiHeadSeqAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size)
+        self.ff = None
+        self.norm2 = None
+        if cfg.has_ff:
+            self.ff = FeedForward(cfg.hidden_size, cfg.inner_hidden_size, cfg.dropout)
+            self.norm2 = nn.LayerNorm(cfg.hidden_size)
+
+    @property
+    def span(self) -> Optional[AdaptiveSpan]:
+        return self.attn.attn.adaptive_span
+
+    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(h + self.attn(h, cache, key_pe))  # (B, M, H)
+        if self.ff is not None:
+            h = self.norm2(h + self.ff(h))  # (B, M, H)
+        return h
+
+
+def update_cache(cache: torch.Tensor, h: torch.Tensor, size: int) -> torch.Tensor:
+    """The last ``size`` rows of ``[cache; h]``, detached."""
+    M = h.size(1)
+    if size > M:
+        return torch.cat([cache[:, max(cache.size(1) - (size - M), 0):], h], dim=1).detach()  # (B, <=size, H)
+    return h[:, M - size:].detach()  # (B, size, H)
+
+
+class TransformerSeq(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.adapt_io:
+            raise NotImplementedError("--adapt-io is not available yet (word-level path)")
+        self.cfg = cfg
+        H, V = cfg.hidden_size, cfg.vocab_size
+        self.key_pe = nn.Parameter(torch.randn(1, cfg.head_dim, cfg.attn_span))  # (1, D, L)
+        self.in_emb = nn.Embedding(V, H)
+        self.out_emb = nn.Linear(H, V)
+        self.layers = nn.ModuleList(TransformerSeqLayer(cfg) for _ in range(cfg.nlayers))
+
+    # ---- forward -----------------------------------------------------------
+    def forward(self, x: torch.Tensor, caches: List[torch.Tensor],
+                target: Optional[torch.Tensor] = None):
+        """x (B, M) token ids. Returns per-token NLL (B, M) when ``target`` is given,
+        else log-probabilities (B, M, V); and the next caches."""
+        h = self.in_emb(x)  # (B, M, H)
+        h = F.dropout(h, self.cfg.emb_dropout, self.training)  # (B, M, H)
+        next_caches = []
+        for layer, cache in zip(self.layers, caches):
+            next_caches.append(update_cache(cache, h, self.layer_cache_size(layer)))  # (B, C', H)
+            h = layer(h, cache, self.key_pe)  # (B, M, H)
+        h = F.dropout(h, self.cfg.emb_dropout, self.training)  # (B, M, H)
+        log_probs = F.log_softmax(self.out_emb(h), dim=-1)  # (B, M, V)
+        if target is None:
+            return log_probs, next_caches
+        nll = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, M)
+        return nll, next_caches
+
+    # ---- cache -------------------------------------------------------------
+    def layer_cache_size(self, layer: TransformerSeqLayer) -> int:
+        return layer.span.cache_size() if layer.span is not None else self.cfg.attn_span
+
+    def cache_sizes(self) -> List[int]:
+        return [self.layer_cache_size(layer) for layer in self.layers]
+
+    def init_cache(self, batch_size: int, device=None) -> List[torch.Tensor]:
+        """Zero hidden states for every layer, as the reference starts."""
+        device = device if device is not None else self.key_pe.device
+        H = self.cfg.hidden_size
+        return [torch.zeros(batch_size, size, H, device=device) for size in self.cache_sizes()]  # (B, C, H)
+
+    # ---- adaptive span -----------------------------------------------------
+    def _spans(self) -> List[AdaptiveSpan]:
+        return [layer.span for layer in self.layers if layer.span is not None]
+
+    def span_loss(self) -> torch.Tensor:
+        """Sum over layers of ``lambda * L * mean_heads(current_val)``."""
+        losses = [span.loss() for span in self._spans()]
+        return torch.stack(losses).sum() if losses else self.key_pe.new_zeros(())
+
+    def clamp_spans(self) -> None:
+        for span in self._spans():
+            span.clamp_param()
+
+    def head_spans(self) -> List[List[int]]:
+        """Per layer, per head: positions with a non-zero mask (L without adaptive span)."""
+        L, K = self.cfg.attn_span, self.cfg.nheads
+        return [layer.span.head_spans() if layer.span is not None else [L] * K
+                for layer in self.layers]
+
+    def span_stats(self) -> dict:
+        """``span_avg`` (mean over layers) and ``span_max`` (max over layers), ramp included."""
+        spans = self._spans()
+        if not spans:
+            return {}
+        return {"span_avg": sum(s.avg_span() for s in spans) / len(spans),
+                "span_max": float(max(s.max_span() for s in spans))}
+
+    def span_values(self) -> List[List[float]]:
+        """Raw ``current_val`` per layer and head (span / L)."""
+        return [span.current_val.detach().view(-1).tolist() for span in self._spans()]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---- reference checkpoints ---------------------------------------------------
+_PERS_SPAN_ALIAS = ".attn.attn.persistent_memory.adaptive_span."
+
+
+def from_reference_state_dict(state: dict) -> dict:
+    """Map a reference state dict (``module.`` prefix, span tensors registered
+    twice with persistent memory) onto our names."""
+    out = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if _PERS_SPAN_ALIAS in key:
+            primary = key.replace(_PERS_SPAN_ALIAS, ".attn.attn.adaptive_span.")
+            if primary not in state and "module." + primary not in state:
+                out[primary] = value
+            continue
+        out[key] = value
+    return out
