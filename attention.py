@@ -14,7 +14,7 @@ softmax is multiplied by the span mask and renormalised (``sum + 1e-8``).
 M x (M + L') content product unskewed into M x L').
 """
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,4 +111,131 @@ def reference_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.T
     out = torch.matmul(skew(probs), v)  # (B, K, M, D)
     if pers_out is not None:
         out = out + pers_out  # (B, K, M, D)
+    return merge_heads(out)  # (B, M, H)
+
+
+# ---- grouped attention: the cost follows each head's span ----------------------
+BUCKET = 64  # head windows are rounded up to a multiple of this many positions
+
+
+def head_windows(span: Optional[AdaptiveSpan], nheads: int, max_span: int) -> List[int]:
+    """Positions each head must see: every position whose span mask *or its gradient*
+    is non-zero (the clamp passes gradient at exactly 0), rounded up to ``BUCKET`` and
+    kept within the reference's trimmed length L'. One host sync per call."""
+    if span is None:
+        return [max_span] * nheads
+    keep = max_span - span.trim_len()
+    m = span._mask  # the unclamped mask, computed with the same float ops as AdaptiveMask.values
+    raw = (m.mask_template + m.current_val.detach() * m.max_size) / m.ramp_size + 1  # (K, 1, L)
+    reach = (raw >= 0).sum(-1).view(-1).tolist()  # K ints
+    return [min(keep, max(BUCKET, -(-r // BUCKET) * BUCKET)) for r in reach]
+
+
+def group_heads(windows: List[int]):
+    """[(window, heads)] sorted by window; ``heads`` is a slice when contiguous, else a
+    list of head indices. Also returns the head order of the concatenated groups."""
+    groups = {}
+    for head, window in enumerate(windows):
+        groups.setdefault(window, []).append(head)
+    out, order = [], []
+    for window in sorted(groups):
+        heads = groups[window]
+        order.extend(heads)
+        if heads == list(range(heads[0], heads[-1] + 1)):
+            out.append((window, slice(heads[0], heads[-1] + 1)))
+        else:
+            out.append((window, heads))
+    return out, order
+
+
+def chunk_size(block: int, window: int) -> int:
+    """Queries per chunk of the banded product: about the window, at least 64, at most M."""
+    return min(block, max(BUCKET, window))
+
+
+def band_logits(q: torch.Tensor, k: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Content logits of the band: q (B, G, M, D), k (B, G, W+M, D) -> (B, G, M, W),
+    where query i sees key rows i .. i+W-1. Chunks of ``chunk`` queries each multiply
+    against their own c+W rows only (c = M is the dense skew/unskew product)."""
+    B, G, M, D = q.shape
+    W = k.size(2) - M
+    if chunk >= M:
+        return unskew(torch.matmul(q, k.transpose(-1, -2)))  # (B, G, M, W)
+    n = -(-M // chunk)
+    pad = n * chunk - M
+    q = F.pad(q, (0, 0, 0, pad)).view(B, G, n, chunk, D)  # (B, G, n, c, D)
+    k = F.pad(k, (0, 0, 0, pad)).unfold(2, chunk + W, chunk)  # (B, G, n, D, c+W)
+    logits = unskew(torch.matmul(q, k))  # (B, G, n, c, W)
+    return logits.reshape(B, G, n * chunk, W)[:, :, :M]  # (B, G, M, W)
+
+
+def band_read(probs: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Weighted values of the band: probs (B, G, M, W), v (B, G, W+M, D) -> (B, G, M, D)."""
+    B, G, M, W = probs.shape
+    D = v.size(-1)
+    if chunk >= M:
+        return torch.matmul(skew(probs), v)  # (B, G, M, D)
+    n = -(-M // chunk)
+    pad = n * chunk - M
+    probs = F.pad(probs, (0, 0, 0, pad)).view(B, G, n, chunk, W)  # (B, G, n, c, W)
+    v = F.pad(v, (0, 0, 0, pad)).unfold(2, chunk + W, chunk)  # (B, G, n, D, c+W)
+    out = torch.matmul(skew(probs), v.transpose(-1, -2))  # (B, G, n, c, D)
+    return out.reshape(B, G, n * chunk, D)[:, :, :M]  # (B, G, M, D)
+
+
+def _select(x: torch.Tensor, heads, dim: int) -> torch.Tensor:
+    """Heads ``heads`` (slice or index list) of ``x`` along ``dim``."""
+    if isinstance(heads, slice):
+        return x[(slice(None),) * dim + (heads,)]
+    index = torch.tensor(heads, device=x.device)  # (G,)
+    return x.index_select(dim, index)
+
+
+def _pick(heads):
+    """Head selector for PersistentMemory: the slice, or an index tensor."""
+    return heads if isinstance(heads, slice) else torch.tensor(heads)
+
+
+def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
+                      w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
+                      span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
+                      dropout: float, training: bool) -> torch.Tensor:
+    """The function of ``reference_attention`` (up to the 1e-8 term) at a cost that
+    follows each head's span: heads sharing a window W are projected, scored and
+    read over their own W positions only. query (B, M, H), h_all (B, C+M, H) -> (B, M, H)."""
+    B, M, H = query.shape
+    L = key_pe.size(-1)
+    K, D = nheads, H // nheads
+    groups, order = group_heads(head_windows(span, K, L))
+    q_all = split_heads(query, K)  # (B, K, M, D)
+    wk = w_key.view(K, D, H)  # (K, D, H)
+    wv = w_val.view(K, D, H)  # (K, D, H)
+    mask_all = span.mask(L) if span is not None else None  # (K, 1, L)
+    outs = []
+    for window, heads in groups:
+        G = wk[heads].size(0) if isinstance(heads, slice) else len(heads)
+        h = fit_memory(h_all, M, window)  # (B, W+M, H)
+        k = split_heads(F.linear(h, _select(wk, heads, 0).reshape(G * D, H)), G)  # (B, G, W+M, D)
+        v = split_heads(F.linear(h, _select(wv, heads, 0).reshape(G * D, H)), G)  # (B, G, W+M, D)
+        q = _select(q_all, heads, 1)  # (B, G, M, D)
+        chunk = chunk_size(M, window)
+        logits = band_logits(q, k, chunk)  # (B, G, M, W)
+        logits = logits + torch.matmul(q, key_pe[:, :, L - window:].unsqueeze(0))  # (B, G, M, W)
+        mask = None
+        if mask_all is not None:
+            mask = _select(mask_all, heads, 0)[:, :, L - window:]  # (G, 1, W)
+        pers_logits = pers.logits(q, _pick(heads)) if pers is not None else None  # (B, G, M, N)
+        if logits.dtype in (torch.float16, torch.bfloat16) and (
+                pers is None or torch.is_autocast_enabled(logits.device.type)):
+            logits = logits.float()  # (B, G, M, W): softmax and mask in float32
+            pers_logits = pers_logits.float() if pers_logits is not None else None  # (B, G, M, N)
+        probs, pers_out = attend(logits, mask, pers, pers_logits, D, dropout, training, _pick(heads))
+        out = band_read(probs.to(v.dtype), v, chunk)  # (B, G, M, D)
+        if pers_out is not None:
+            out = out + pers_out  # (B, G, M, D)
+        outs.append(out)
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, K, M, D) in group order
+    if order != list(range(K)):
+        inverse = sorted(range(K), key=order.__getitem__)
+        out = out.index_select(1, torch.tensor(inverse, device=out.device))  # (B, K, M, D)
     return merge_heads(out)  # (B, M, H)

@@ -18,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptive_span import AdaptiveSpan
-from attention import reference_attention
+from attention import grouped_attention, reference_attention
 from persistent_memory import PersistentMemory
 
-ATTN_IMPLS = {"reference": reference_attention}
+ATTN_IMPLS = {"grouped": grouped_attention, "reference": reference_attention}
 
 
 @dataclass
@@ -41,7 +41,7 @@ class ModelConfig:
     adapt_span_cache: bool = False
     pers_mem_size: int = 0
     pers_mem_keep_ff: bool = False
-    attn_impl: str = "reference"
+    attn_impl: str = "grouped"
     adapt_io: bool = False
     adapt_io_tied: bool = False
     adapt_io_divval: int = 4
