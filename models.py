@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adaptive_io import build_adaptive_io, tied_counterpart, tied_mismatches, zero_dependency
 from adaptive_span import AdaptiveSpan
 from attention import grouped_attention, reference_attention
 from persistent_memory import PersistentMemory
@@ -146,13 +147,17 @@ def update_cache(cache: torch.Tensor, h: torch.Tensor, size: int) -> torch.Tenso
 class TransformerSeq(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.adapt_io:
-            raise NotImplementedError("--adapt-io is not available yet (word-level path)")
         self.cfg = cfg
         H, V = cfg.hidden_size, cfg.vocab_size
         self.key_pe = nn.Parameter(torch.randn(1, cfg.head_dim, cfg.attn_span))  # (1, D, L)
-        self.in_emb = nn.Embedding(V, H)
-        self.out_emb = nn.Linear(H, V)
+        if cfg.adapt_io:  # adaptive input + projected adaptive softmax (adaptive_io.py)
+            self.in_emb, self.out_emb = build_adaptive_io(V, H, cfg.adapt_io_cutoffs,
+                                                          cfg.adapt_io_divval, cfg.adapt_io_tied)
+            if cfg.adapt_io_tied:
+                self.register_load_state_dict_pre_hook(_check_tied_state)
+        else:
+            self.in_emb = nn.Embedding(V, H)
+            self.out_emb = nn.Linear(H, V)
         self.layers = nn.ModuleList(TransformerSeqLayer(cfg) for _ in range(cfg.nlayers))
 
     # ---- forward -----------------------------------------------------------
@@ -167,11 +172,21 @@ class TransformerSeq(nn.Module):
             next_caches.append(update_cache(cache, h, self.layer_cache_size(layer)))  # (B, C', H)
             h = layer(h, cache, self.key_pe)  # (B, M, H)
         h = F.dropout(h, self.cfg.emb_dropout, self.training)  # (B, M, H)
+        return self.output(h, target), next_caches
+
+    def output(self, h: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-token NLL (B, M) for ``target``, else log-probabilities (B, M, V)."""
+        if self.cfg.adapt_io:
+            if target is None:
+                return self.out_emb.log_prob(h)  # (B, M, V)
+            nll = self.out_emb(h, target)  # (B, M)
+            if torch.is_grad_enabled():  # every adaptive parameter in the graph, for DDP
+                nll = nll + zero_dependency([self.in_emb, self.out_emb])  # (B, M)
+            return nll
         log_probs = F.log_softmax(self.out_emb(h), dim=-1)  # (B, M, V)
         if target is None:
-            return log_probs, next_caches
-        nll = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, M)
-        return nll, next_caches
+            return log_probs
+        return -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, M)
 
     # ---- cache -------------------------------------------------------------
     def layer_cache_size(self, layer: TransformerSeqLayer) -> int:
@@ -227,7 +242,8 @@ _PERS_SPAN_ALIAS = ".attn.attn.persistent_memory.adaptive_span."
 
 def from_reference_state_dict(state: dict) -> dict:
     """Map a reference state dict (``module.`` prefix, span tensors registered
-    twice with persistent memory) onto our names."""
+    twice with persistent memory) onto our names. A tensor shared by adaptive-I/O
+    tying is kept under both names, and filled in when only one is present."""
     out = {}
     for key, value in state.items():
         key = key[len("module."):] if key.startswith("module.") else key
@@ -237,4 +253,14 @@ def from_reference_state_dict(state: dict) -> dict:
                 out[primary] = value
             continue
         out[key] = value
+    for key in list(out):
+        other = tied_counterpart(key)
+        if other is not None and other not in out:
+            out[other] = out[key]
     return out
+
+
+def _check_tied_state(module, state, prefix, local_metadata, strict, missing, unexpected, errors):
+    """load_state_dict pre-hook of a tied model: both names of a shared tensor
+    must hold the same values (else the later one would silently win)."""
+    errors.extend(f"tied adaptive-I/O tensors differ: {bad}" for bad in tied_mismatches(state, prefix))
