@@ -1,0 +1,364 @@
+"""Corpora and token streams.
+
+Formats read by ``load_corpus``:
+- a reference-format folder ``DIR/{train,valid,test}.txt`` (what ``scripts/get_data.sh``
+  prepares): every line is ``line.split()`` followed by ``<eos>``, the vocabulary
+  comes from train in order of first appearance (by training frequency with
+  ``--adapt-io``; ties in reverse order of first appearance, as the reference);
+- a WikiText folder ``DIR/wiki.{train,valid,test}.tokens``: the same rules;
+- any other file: raw bytes (vocabulary of 256), split 90/5/5 by default.
+
+The tokenised splits are cached as ``.npy`` arrays (they load with numpy, memory
+mapped) plus a ``meta.json``, keyed by the source files' sizes and mtimes.
+"""
+import hashlib
+import json
+import os
+import random
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils import ConfigError
+
+EOS = "<eos>"
+SPLITS = ("train", "valid", "test")
+CACHE_VERSION = 1
+_EOS_KEY = np.uint64(0)  # no real token has key 0 (NUL bytes take the Python path)
+_SMALL_KEYS = 1 << 24  # tokens of at most 3 bytes fit a direct lookup table
+
+
+@dataclass
+class DataConfig:
+    path: str
+    sort_by_freq: bool = False
+    split: Tuple[float, float, float] = (0.9, 0.05, 0.05)  # for raw text files
+
+
+@dataclass
+class Vocab:
+    idx2word: List[str]
+    style: str  # "bytes", "enwik8" (decimal byte values), "chars" (text8) or "words"
+
+    def __len__(self) -> int:
+        return len(self.idx2word)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        words = [self.idx2word[i] for i in ids]
+        if self.style == "bytes":
+            return bytes(int(w) for w in words).decode("utf-8", errors="replace")
+        if self.style == "enwik8":
+            return bytes(10 if w == EOS else int(w) for w in words).decode("utf-8", errors="replace")
+        if self.style == "chars":
+            return "".join("\n" if w == EOS else (" " if w == "_" else w) for w in words)
+        return " ".join("\n" if w == EOS else w for w in words).replace(" \n ", "\n")
+
+    def encode(self, text: str) -> List[int]:
+        index = {w: i for i, w in enumerate(self.idx2word)}
+        if self.style == "bytes":
+            words = [str(b) for b in text.encode("utf-8")]
+        elif self.style == "enwik8":
+            words = [EOS if b == 10 else str(b) for b in text.encode("utf-8")]
+        elif self.style == "chars":
+            words = [EOS if c == "\n" else ("_" if c == " " else c) for c in text]
+        else:
+            words = [w for line in text.split("\n") for w in line.split() + [EOS]][:-1]
+        missing = sorted({w for w in words if w not in index})
+        if missing:
+            raise ConfigError(f"the prompt has tokens outside the vocabulary: {missing[:10]}")
+        return [index[w] for w in words]
+
+
+@dataclass
+class Corpus:
+    vocab: Vocab
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+    def split(self, name: str) -> np.ndarray:
+        return getattr(self, name)
+
+
+# ---- tokenising ----------------------------------------------------------------
+def _fast_keys(raw: bytes) -> Optional[np.ndarray]:
+    """Token keys of ASCII text with short tokens, vectorised; None when the Python path is needed."""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if a[-1] != 10:
+        a = np.concatenate([a, np.array([10], dtype=np.uint8)])
+    if ((a >= 0x80) | (a == 13) | (a == 0) | ((a >= 0x1C) & (a <= 0x1F))).any():
+        return None  # unicode whitespace or universal newlines: let Python split
+    is_nl = a == 10
+    is_tok = ~(is_nl | (a == 32) | (a == 9) | (a == 11) | (a == 12))
+    prev = np.concatenate([[False], is_tok[:-1]])
+    nxt = np.concatenate([is_tok[1:], [False]])
+    starts = np.flatnonzero(is_tok & ~prev)
+    ends = np.flatnonzero(is_tok & ~nxt) + 1
+    lengths = ends - starts
+    if lengths.size and lengths.max() > 7:
+        return None
+    words = np.zeros(starts.size, dtype=np.uint64)
+    for j in range(int(lengths.max()) if lengths.size else 0):
+        byte = a[np.minimum(starts + j, a.size - 1)].astype(np.uint64)
+        words |= np.where(lengths > j, byte, 0).astype(np.uint64) << np.uint64(8 * j)
+    order = np.flatnonzero(is_tok & ~prev | is_nl)  # every token start, in text order
+    keys = np.full(order.size, _EOS_KEY, dtype=np.uint64)
+    keys[~is_nl[order]] = words
+    keys[keys == _key_of(EOS)] = _EOS_KEY  # a literal "<eos>" is the end-of-line token
+    return keys
+
+
+def _key_of(word: str) -> np.uint64:
+    return np.uint64(int.from_bytes(word.encode("ascii"), "little"))
+
+
+def _word_of(key: int) -> str:
+    if key == int(_EOS_KEY):
+        return EOS
+    return key.to_bytes(8, "little").rstrip(b"\0").decode("ascii")
+
+
+def _first_appearance(keys: np.ndarray) -> np.ndarray:
+    """Distinct keys in order of first appearance."""
+    distinct = np.unique(keys[: 1 << 22], return_index=True)
+    first = dict(zip(distinct[0].tolist(), distinct[1].tolist()))
+    small = keys if keys.size and keys.max() < _SMALL_KEYS else None
+    present = np.flatnonzero(np.bincount(small.astype(np.int64), minlength=1)) if small is not None \
+        else np.unique(keys)
+    for key in present.tolist():
+        if key not in first:
+            first[key] = int(np.argmax(keys == key))
+    return np.array(sorted(first, key=first.get), dtype=np.uint64)
+
+
+def _lookup(keys: np.ndarray, vocab_keys: np.ndarray, path: Path) -> np.ndarray:
+    """Ids of ``keys`` in ``vocab_keys`` order; an unseen token is an error naming the file."""
+    sorter = np.argsort(vocab_keys)
+    pos = np.searchsorted(vocab_keys, keys, sorter=sorter).clip(0, vocab_keys.size - 1)
+    ids = sorter[pos]
+    unseen = vocab_keys[ids] != keys
+    if unseen.any():
+        word = _word_of(int(keys[np.argmax(unseen)]))
+        raise ConfigError(f"{path}: token {word!r} does not occur in the training split, so it has no id; "
+                          "the vocabulary is built from train.txt only")
+    return ids
+
+
+def _python_ids(path: Path, index: Dict[str, int], grow: bool) -> np.ndarray:
+    """``line.split() + ['<eos>']`` per line, with Python (for unicode or long tokens)."""
+    ids = array("q")
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in tqdm(f, desc=f"tokenising {path.name}", unit=" lines", mininterval=2, leave=False):
+            words = line.split()
+            words.append(EOS)
+            if grow:
+                ids.extend([index.setdefault(w, len(index)) for w in words])
+                continue
+            try:
+                ids.extend([index[w] for w in words])
+            except KeyError as err:
+                raise ConfigError(f"{path}: token {err.args[0]!r} does not occur in the training split, "
+                                  "so it has no id; the vocabulary is built from train.txt only") from None
+    return np.frombuffer(ids, dtype=np.int64)
+
+
+def tokenize_splits(paths: Dict[str, Path]) -> Tuple[List[str], Dict[str, np.ndarray]]:
+    """Vocabulary in first-appearance order of train, and the ids of every split."""
+    raw = {name: paths[name].read_bytes() for name in SPLITS}
+    keys = {name: _fast_keys(raw[name]) for name in SPLITS}
+    if all(k is not None for k in keys.values()):
+        vocab_keys = _first_appearance(keys["train"])
+        ids = {name: _lookup(keys[name], vocab_keys, paths[name]) for name in SPLITS}
+        return [_word_of(int(k)) for k in vocab_keys], ids
+    del raw, keys
+    index: Dict[str, int] = {}
+    ids = {name: _python_ids(paths[name], index, grow=name == "train") for name in SPLITS}
+    return list(index), ids
+
+
+def sort_by_frequency(idx2word: List[str], ids: Dict[str, np.ndarray]):
+    """Most frequent first; equal counts in reverse order of first appearance (the reference's rule)."""
+    counts = np.bincount(ids["train"], minlength=len(idx2word))
+    order = np.argsort(counts, kind="stable")[::-1]  # new id -> old id
+    remap = np.empty_like(order)
+    remap[order] = np.arange(order.size)  # old id -> new id
+    return [idx2word[i] for i in order], {name: remap[a] for name, a in ids.items()}
+
+
+def _style(idx2word: List[str]) -> str:
+    if all(w == EOS or (w.isdigit() and int(w) < 256) for w in idx2word):
+        return "enwik8"
+    if all(w == EOS or len(w) == 1 for w in idx2word):
+        return "chars"
+    return "words"
+
+
+# ---- locating and caching ------------------------------------------------------------
+def _sources(path: Path) -> Optional[Dict[str, Path]]:
+    for pattern in ("{}.txt", "wiki.{}.tokens"):
+        files = {name: path / pattern.format(name) for name in SPLITS}
+        if all(f.is_file() for f in files.values()):
+            return files
+    return None
+
+
+def _fingerprint(files: Sequence[Path], cfg: DataConfig) -> str:
+    parts = [CACHE_VERSION, cfg.sort_by_freq, list(cfg.split)]
+    for f in files:
+        st = f.stat()
+        parts.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
+
+
+def _cache_dir(path: Path, key: str) -> Path:
+    base = path if path.is_dir() else path.parent
+    preferred = base / ".corpus_cache" / key[:16]
+    if os.access(base, os.W_OK):
+        return preferred
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return home / "adaptive-span" / key[:16]
+
+
+def _load_cached(folder: Path) -> Optional[Corpus]:
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in SPLITS}
+    except (OSError, ValueError):
+        return None
+    return Corpus(Vocab(meta["vocab"], meta["style"]), **arrays)
+
+
+def _save_cached(folder: Path, corpus: Corpus) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        tmp = folder / f"{name}.tmp.npy"
+        np.save(tmp, corpus.split(name))
+        os.replace(tmp, folder / f"{name}.npy")
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps({"vocab": corpus.vocab.idx2word, "style": corpus.vocab.style}))
+    os.replace(tmp, folder / "meta.json")  # written last: marks the cache complete
+
+
+def _compact(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    dtype = np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32
+    return np.ascontiguousarray(ids, dtype=dtype)
+
+
+def _build(path: Path, cfg: DataConfig) -> Corpus:
+    files = _sources(path) if path.is_dir() else None
+    if files is not None:
+        idx2word, ids = tokenize_splits(files)
+        if cfg.sort_by_freq:
+            idx2word, ids = sort_by_frequency(idx2word, ids)
+        style = _style(idx2word)
+    else:
+        data = np.fromfile(path, dtype=np.uint8)
+        n_train = int(len(data) * cfg.split[0])
+        n_valid = int(len(data) * cfg.split[1])
+        ids = dict(zip(SPLITS, np.split(data, [n_train, n_train + n_valid])))
+        idx2word, style = [str(b) for b in range(256)], "bytes"
+    arrays = {name: _compact(a, len(idx2word)) for name, a in ids.items()}
+    return Corpus(Vocab(idx2word, style), **arrays)
+
+
+def check_data_path(cfg: DataConfig) -> Path:
+    path = Path(cfg.path)
+    if not path.exists():
+        raise ConfigError(f"--data {cfg.path}: no such file or folder. Prepare a dataset with "
+                          f"`bash scripts/get_data.sh enwik8 {cfg.path}`, or give any text file")
+    if path.is_dir() and _sources(path) is None:
+        raise ConfigError(f"--data {cfg.path}: the folder has neither train.txt/valid.txt/test.txt nor "
+                          "wiki.{train,valid,test}.tokens; prepare it with scripts/get_data.sh")
+    if path.is_file() and path.stat().st_size < 100:
+        raise ConfigError(f"--data {cfg.path}: the file is too small to train on")
+    return path
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Tokenise (or load the cached tokenisation of) the data at ``cfg.path``."""
+    path = check_data_path(cfg)
+    files = list(_sources(path).values()) if path.is_dir() else [path]
+    key = _fingerprint(files, cfg)
+    folder = _cache_dir(path, key)
+    corpus = _load_cached(folder)
+    if corpus is None:
+        corpus = _build(path, cfg)
+        try:
+            _save_cached(folder, corpus)
+        except OSError:
+            pass  # read-only location: work from memory
+    if min(len(corpus.split(name)) for name in SPLITS) < 2:
+        raise ConfigError(f"--data {cfg.path}: a split has fewer than 2 tokens")
+    return corpus
+
+
+# ---- streams ------------------------------------------------------------------
+def batchify(ids: np.ndarray, nrows: int) -> np.ndarray:
+    """Cut into ``nrows`` contiguous rows (the tail that does not fill a row is dropped)."""
+    ncols = len(ids) // nrows
+    return ids[: nrows * ncols].reshape(nrows, ncols)  # (B, n)
+
+
+class Stream:
+    """Blocks of M columns from rows of a split; wraps to a seeded random offset in [0, M)."""
+
+    def __init__(self, rows: np.ndarray, block: int, seed: int):
+        if rows.shape[1] <= block + 1:
+            raise ConfigError(f"a split has {rows.shape[1]} tokens per row, too few for --block-sz {block}; "
+                              "use a smaller --batch-sz or --block-sz")
+        self.rows = rows  # (B, n)
+        self.block = block
+        self.pos = 0
+        self.rng = random.Random(seed)
+
+    def next_block(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        chunk = np.asarray(self.rows[:, self.pos: self.pos + self.block + 1], dtype=np.int64)  # (B, M+1)
+        chunk = torch.from_numpy(chunk)
+        return chunk[:, :-1], chunk[:, 1:]  # (B, M), (B, M)
+
+    def advance(self) -> bool:
+        """Move one block on; True when the stream wrapped (the caller zeroes its caches)."""
+        self.pos += self.block
+        if self.pos >= self.rows.shape[1] - self.block:
+            self.pos = self.rng.randrange(self.block)
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = int(state["pos"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+def eval_rows(ids: np.ndarray, nrows: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows whose targets partition tokens 1..T-1 (every token but the first is scored).
+
+    Row r predicts targets [s_r, e_r) from inputs [s_r - 1, e_r - 1); shorter rows are
+    padded at the end with masked positions. Returns inputs, targets, mask, each (B, n).
+    """
+    n_targets = len(ids) - 1
+    sizes = [n_targets // nrows + (r < n_targets % nrows) for r in range(nrows)]
+    width = max(sizes)
+    inputs = np.zeros((nrows, width), dtype=np.int64)  # (B, n)
+    targets = np.zeros((nrows, width), dtype=np.int64)  # (B, n)
+    mask = np.zeros((nrows, width), dtype=bool)  # (B, n)
+    start = 1
+    for r, size in enumerate(sizes):
+        inputs[r, :size] = ids[start - 1: start - 1 + size]
+        targets[r, :size] = ids[start: start + size]
+        mask[r, :size] = True
+        start += size
+    return inputs, targets, mask

@@ -1,0 +1,353 @@
+"""Train or evaluate a Transformer with adaptive attention span and persistent memory.
+
+    python main.py --data data/enwik8 --checkpoint checkpoints/run.pt --adapt-span ...
+    torchrun --nproc_per_node=8 main.py ...            # one process per GPU
+    python main.py --checkpoint checkpoints/run.pt --full-eval-mode
+
+Every flag of the reference implementation keeps its spelling, default and meaning.
+"""
+import argparse
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import checkpoint as ckpt_io
+from data import DataConfig, load_corpus
+from models import ATTN_IMPLS, ModelConfig, TransformerSeq
+from trainer import TrainConfig, Trainer, build_optimizer, evaluate, to_unit
+from utils import (ConfigError, MetricsLog, all_gather_objects, all_reduce_sum, atomic_save,
+                   barrier, init_distributed, seed_everything, shutdown, wrap_ddp)
+
+# flag dest -> ModelConfig field
+MODEL_FLAGS = {"hid_sz": "hidden_size", "inner_hid_sz": "inner_hidden_size", "nlayers": "nlayers",
+               "nheads": "nheads", "attn_span": "attn_span", "dropout": "dropout",
+               "emb_dropout": "emb_dropout", "adapt_span": "adapt_span",
+               "adapt_span_loss": "adapt_span_loss", "adapt_span_ramp": "adapt_span_ramp",
+               "adapt_span_init": "adapt_span_init", "adapt_span_cache": "adapt_span_cache",
+               "pers_mem_size": "pers_mem_size", "pers_mem_keep_ff": "pers_mem_keep_ff",
+               "attn_impl": "attn_impl", "adapt_io": "adapt_io", "adapt_io_tied": "adapt_io_tied",
+               "adapt_io_divval": "adapt_io_divval", "adapt_io_cutoffs": "adapt_io_cutoffs"}
+# flag dest -> TrainConfig field
+TRAIN_FLAGS = {"optim": "optim", "lr": "lr", "momentum": "momentum", "grad_clip": "grad_clip",
+               "lr_warmup": "lr_warmup", "batch_sz": "batch_size", "batch_split": "batch_split",
+               "block_sz": "block_size", "nbatches": "nbatches", "niter": "niter", "seed": "seed",
+               "max_nonfinite": "max_nonfinite", "amp": "amp"}
+# model flags a resumed run may change; every other model flag must match the checkpoint
+MUTABLE_MODEL = {"dropout", "emb_dropout", "adapt_span_loss", "attn_impl"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default="data/text8", help="reference-format folder, WikiText folder, or any text file")
+    a("--data-unit", choices=["bpc", "ppl"], default="bpc")
+    a("--data-split", type=float, nargs=3, default=[0.9, 0.05, 0.05], metavar=("TRAIN", "VALID", "TEST"),
+      help="split fractions for a plain text file")
+    a("--hid-sz", type=int, default=256)
+    a("--inner-hid-sz", type=int, default=1024)
+    a("--nlayers", type=int, default=8)
+    a("--block-sz", type=int, default=64)
+    a("--nheads", type=int, default=2)
+    a("--attn-span", type=int, default=32)
+    a("--dropout", type=float, default=0.2)
+    a("--emb-dropout", type=float, default=0.0)
+    a("--lr", type=float, default=0.03)
+    a("--momentum", type=float, default=0.9)
+    a("--optim", choices=["sgd", "adagrad", "adam"], default="sgd")
+    a("--lr-warmup", type=int, default=0)
+    a("--grad-clip", type=float, default=0.0)
+    a("--batch-sz", type=int, default=64, help="global batch, over all ranks")
+    a("--batch-split", type=int, default=1)
+    a("--nbatches", type=int, default=1000, help="steps per iteration")
+    a("--niter", type=int, default=1000, help="total iterations")
+    a("--checkpoint", default="")
+    a("--full-eval-mode", action="store_true")
+    a("--reference-eval", action="store_true", help="the reference's evaluation protocol")
+    a("--adapt-span", action="store_true")
+    a("--adapt-span-loss", type=float, default=0.0)
+    a("--adapt-span-ramp", type=int, default=32)
+    a("--adapt-span-init", type=float, default=0.0)
+    a("--adapt-span-cache", action="store_true")
+    a("--pers-mem-size", type=int, default=0)
+    a("--pers-mem-keep-ff", action="store_true", help="keep the FF sublayer with persistent memory")
+    a("--adapt-io", action="store_true")
+    a("--adapt-io-tied", action="store_true")
+    a("--adapt-io-divval", type=int, default=4)
+    a("--adapt-io-cutoffs", type=int, nargs="+", default=[20000, 40000, 200000])
+    a("--distributed", action="store_true", help="accepted; detected from the launcher's environment")
+    a("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    a("--seed", type=int, default=1111)
+    a("--attn-impl", choices=sorted(ATTN_IMPLS), default=ModelConfig.attn_impl)
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast on CUDA")
+    a("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
+    a("--tensorboard-dir", default="", help="default: <checkpoint>.logs next to the checkpoint")
+    a("--dry-run", action="store_true", help="validate flags, print the parameter count, exit")
+    a("--vocab-size", type=int, default=0, help="vocabulary size for --dry-run without data")
+    return p
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """Dests of the flags given on the command line."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                probe.add_argument(*action.option_strings, action="store_const", const=True, **kwargs)
+            else:
+                probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def check_flags(args) -> None:
+    if args.hid_sz % args.nheads:
+        raise ConfigError(f"--hid-sz {args.hid_sz} is not divisible by --nheads {args.nheads}")
+    if args.batch_sz % args.batch_split:
+        raise ConfigError(f"--batch-sz {args.batch_sz} is not divisible by --batch-split {args.batch_split}")
+    for flag in ("nlayers", "block_sz", "attn_span", "batch_sz", "batch_split", "nbatches", "adapt_span_ramp"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.adapt_io_tied and not args.adapt_io:
+        raise ConfigError("--adapt-io-tied needs --adapt-io")
+    if args.full_eval_mode and not args.checkpoint:
+        raise ConfigError("--full-eval-mode needs --checkpoint PATH (the model to evaluate)")
+    if args.amp != "none" and not torch.cuda.is_available():
+        raise ConfigError(f"--amp {args.amp} needs a CUDA device; drop it on CPU")
+
+
+def configs_from_args(args, vocab_size: int):
+    model = ModelConfig(vocab_size=vocab_size, **{f: getattr(args, d) for d, f in MODEL_FLAGS.items()})
+    train = TrainConfig(**{f: getattr(args, d) for d, f in TRAIN_FLAGS.items()})
+    return model, train
+
+
+def merge_saved_config(args, explicit: set, saved: dict) -> None:
+    """Take the configuration of one of our checkpoints; contradicting model flags are errors."""
+    for dest, field in MODEL_FLAGS.items():
+        value = saved["model"][field]
+        if dest in explicit and getattr(args, dest) != value and dest not in MUTABLE_MODEL:
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{flag} {getattr(args, dest)} contradicts the checkpoint {args.checkpoint}, "
+                              f"which was trained with {flag} {value}; drop the flag or use another checkpoint")
+        if dest not in explicit:
+            setattr(args, dest, value)
+    for dest, field in TRAIN_FLAGS.items():
+        if dest not in explicit:
+            setattr(args, dest, saved["train"][field])
+    if "data" not in explicit:
+        args.data = saved["data"]["path"]
+    if "data_unit" not in explicit:
+        args.data_unit = saved["data"].get("unit", args.data_unit)
+
+
+def log_to(dist):
+    return (lambda msg: print(msg, flush=True)) if dist.is_main else (lambda msg: None)
+
+
+def build_model(args, vocab_size: int, device):
+    model_cfg, train_cfg = configs_from_args(args, vocab_size)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
+    try:
+        model = TransformerSeq(model_cfg)
+    except (NotImplementedError, ValueError) as err:
+        raise ConfigError(f"the model flags are inconsistent: {err}") from None
+    return model.to(device), model_cfg, train_cfg
+
+
+def dry_run(args, log) -> int:
+    vocab = args.vocab_size or (len(load_corpus(DataConfig(args.data, args.adapt_io)).vocab)
+                                if Path(args.data).exists() else 0)
+    if not vocab:
+        raise ConfigError(f"--dry-run needs --vocab-size N when --data {args.data} does not exist")
+    model, model_cfg, _ = build_model(args, vocab, "cpu")
+    n = model.num_parameters()
+    log(f"model: {model_cfg}")
+    log(f"params: {n:,} ({n / 1e6:.2f}M)")
+    return 0
+
+
+def full_eval(args, ddp_model, model, corpus, dist, log) -> int:
+    unit = args.data_unit
+    for split in ("valid", "test"):
+        nll, count = evaluate(ddp_model, model, corpus.split(split), args.batch_sz, args.block_sz, dist,
+                              reference=args.reference_eval, amp=args.amp, desc=split)
+        name = "val" if split == "valid" else "test"
+        log(f"{name}: {to_unit(nll, unit):.4f}{unit} tokens: {count} nll: {nll:.6f}")
+    return 0
+
+
+def tensorboard_dir(args) -> Path:
+    if args.tensorboard_dir:
+        return Path(args.tensorboard_dir)
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        return path.with_name(path.stem + ".logs")
+    return None
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM's warnings before preemption) ask for a checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, dist) -> bool:
+        if not dist.enabled:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        return all_reduce_sum(flag, dist).item() > 0
+
+
+def save(args, trainer, corpus, model_cfg, history, iter_no, dist, log) -> None:
+    ranks = ckpt_io.gather_rank_states(trainer, lambda obj: all_gather_objects(obj, dist))
+    if not (dist.is_main and args.checkpoint):
+        return
+    config = {"model": model_cfg.to_dict(), "train": asdict(trainer.cfg),
+              "data": {"path": args.data, "unit": args.data_unit}}
+    vocab = {"idx2word": corpus.vocab.idx2word, "style": corpus.vocab.style}
+    atomic_save(ckpt_io.build_checkpoint(trainer, ranks, config, vocab, iter_no, history),
+                Path(args.checkpoint))
+    return ckpt_io.cache_megabytes(ranks)
+
+
+def log_iteration(args, trainer, model, history, val_nll, ms, metrics, log) -> None:
+    unit, steps = args.data_unit, trainer.step
+    train_nll = trainer.iter_loss / max(trainer.iter_count, 1)
+    line = (f"steps: {steps} train: {to_unit(train_nll, unit):.3f}{unit} "
+            f"val: {to_unit(val_nll, unit):.3f}{unit} ms/batch: {ms:.1f}")
+    stats = model.span_stats()
+    if stats:
+        line += f" span_avg: {stats['span_avg']:.1f} span_max: {stats['span_max']:.0f}"
+    if trainer.nonfinite_total:
+        line += f" nonfinite_skipped: {trainer.nonfinite_total}"
+    log(line)
+    history.setdefault("step", []).append(steps)
+    history.setdefault(f"train_{unit}", []).append(to_unit(train_nll, unit))
+    history.setdefault(f"val_{unit}", []).append(to_unit(val_nll, unit))
+    for key, value in stats.items():
+        history.setdefault(key, []).append(value)
+    metrics.scalars(steps, {f"train/{unit}": to_unit(train_nll, unit), f"val/{unit}": to_unit(val_nll, unit),
+                            "train/loss": train_nll, "val/loss": val_nll, "ms_per_batch": ms,
+                            "lr": trainer.optimizer.param_groups[0]["lr"],
+                            "tokens_per_s": args.batch_sz * args.block_sz / max(ms, 1e-9) * 1000,
+                            **{f"span/{k}": v for k, v in stats.items()}})
+    metrics.histogram(steps, "span/heads", [s for layer in model.head_spans() for s in layer])
+
+
+def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
+    history = ckpt["logger"] if ckpt else {}
+    done = ckpt["iter_no"] + 1 if ckpt else 0
+    nb = trainer.cfg.nbatches
+    metrics = MetricsLog(tensorboard_dir(args), dist.is_main)
+    stop = StopFlag()
+    while done < trainer.cfg.niter:
+        start, steps_run = time.time(), 0
+        bar = tqdm(total=nb, initial=trainer.step - done * nb, desc=f"iter {done}", leave=False,
+                   disable=not dist.is_main, mininterval=1)
+        while trainer.step < (done + 1) * nb:
+            result = trainer.train_step()
+            steps_run += 1
+            bar.update(1)
+            if trainer.nonfinite_in_row >= trainer.cfg.max_nonfinite:
+                raise ConfigError(f"{trainer.nonfinite_in_row} steps in a row had a non-finite loss or "
+                                  f"gradient (last grad norm {result['grad_norm']}); stopping. The last good "
+                                  "checkpoint is untouched: lower --lr or raise --grad-clip and resume")
+            if stop.agreed(dist):
+                bar.close()
+                save(args, trainer, corpus, model_cfg, history, done - 1, dist, log)
+                log(f"signal received: checkpoint written at step {trainer.step}; exiting")
+                return 0
+        bar.close()
+        ms = (time.time() - start) * 1000 / max(steps_run, 1)
+        totals = all_reduce_sum(torch.tensor([trainer.iter_loss, trainer.iter_count], dtype=torch.float64,
+                                             device=dist.device), dist)
+        trainer.iter_loss, trainer.iter_count = totals[0].item() / dist.world_size, int(totals[1].item()) // dist.world_size
+        val_nll = trainer.validate(max(1, nb // 10))
+        log_iteration(args, trainer, model, history, val_nll, ms, metrics, log)
+        trainer.iter_loss, trainer.iter_count = 0.0, 0
+        done += 1
+        mb = save(args, trainer, corpus, model_cfg, history, done - 1, dist, log)
+        if done == 1 and mb is not None:
+            log(f"checkpoint {args.checkpoint}: caches {mb:.1f} MB")
+    metrics.close()
+    return 0
+
+
+def run(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, sys.argv[1:] if argv is None else argv)
+    dist = init_distributed(args.device)
+    log = log_to(dist)
+    ckpt = ckpt_io.load_checkpoint(Path(args.checkpoint), log) if args.checkpoint and not args.dry_run else None
+    if ckpt is not None and not ckpt_io.is_reference(ckpt):
+        merge_saved_config(args, explicit, ckpt["config"])
+    check_flags(args)
+    if args.dry_run:
+        return dry_run(args, log)
+    local = args.batch_sz // dist.world_size
+    if args.batch_sz % dist.world_size or local % args.batch_split:
+        raise ConfigError(f"--batch-sz {args.batch_sz} must split evenly over {dist.world_size} ranks "
+                          f"and then into --batch-split {args.batch_split}")
+    data_cfg = DataConfig(args.data, sort_by_freq=args.adapt_io, split=tuple(args.data_split))
+    if dist.is_main:
+        corpus = load_corpus(data_cfg)  # rank 0 tokenises and caches; the others wait
+    barrier(dist)
+    if not dist.is_main:
+        corpus = load_corpus(data_cfg)
+    if ckpt is not None and "vocab" in ckpt and ckpt["vocab"]["idx2word"] != corpus.vocab.idx2word:
+        raise ConfigError(f"--data {args.data} has another vocabulary than the one {args.checkpoint} "
+                          "was trained with; point --data at the training data")
+    model, model_cfg, train_cfg = build_model(args, len(corpus.vocab), dist.device)
+    if ckpt is not None:
+        ckpt_io.load_model_state(model, ckpt, args.checkpoint)
+    ddp_model = wrap_ddp(model, dist)
+    log(f"params: {model.num_parameters():,} ({model.num_parameters() / 1e6:.2f}M) "
+        f"vocab: {len(corpus.vocab)} ranks: {dist.world_size} device: {dist.device}")
+    if args.full_eval_mode:
+        return full_eval(args, ddp_model, model, corpus, dist, log)
+    seed_everything(train_cfg.seed, dist.rank)
+    optimizer = build_optimizer(model.parameters(), train_cfg)
+    trainer = Trainer(ddp_model, model, optimizer, train_cfg, dist, corpus.train, corpus.valid)
+    if ckpt is not None:
+        check_resume(ckpt, train_cfg, args)
+        ckpt_io.restore_trainer(trainer, ckpt, log)
+    return train(args, trainer, model, corpus, model_cfg, ckpt, dist, log)
+
+
+def check_resume(ckpt: dict, train_cfg: TrainConfig, args) -> None:
+    if ckpt_io.is_reference(ckpt):
+        if "scheduler_iter" not in ckpt:
+            ckpt["scheduler_iter"] = (ckpt["iter_no"] + 1) * train_cfg.nbatches
+        return
+    saved = ckpt["config"]["train"]
+    if saved["batch_size"] != train_cfg.batch_size:
+        raise ConfigError(f"--batch-sz {train_cfg.batch_size} differs from the checkpoint's "
+                          f"{saved['batch_size']}: the streams and caches cannot be resumed; "
+                          "resume with the same global batch (any number of ranks that divides it)")
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
