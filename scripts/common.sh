@@ -1,0 +1,97 @@
+# Launch logic shared by the configuration scripts (sourced by them, not run directly).
+#
+# A configuration script sets
+#   NAME     the run name: the checkpoint is checkpoints/$NAME.pt
+#   DATASET  enwik8 | text8 | wikitext-103, prepared by get_data.sh into data/$DATASET
+#   VOCAB    the vocabulary size main.py --dry-run uses instead of reading the data
+#   FLAGS    (array) the published main.py flags
+#   PHASES   (array) one entry per training phase: the flags of that phase, e.g.
+#            "--niter 150" then "--lr 0.007 --niter 170" (fine-tuning resumes the checkpoint)
+# and then calls: launch "$@"
+#
+# Options of every configuration script:
+#   --gpus G        processes (GPUs) for torchrun; default: GPUs listed by nvidia-smi, or 1
+#   --eval          only evaluate the checkpoint (e.g. a pretrained one from get_pretrained.sh)
+#   --dry-run       no data, no training: run `python main.py ... --dry-run` for each training
+#                   phase, which checks the flags and prints the parameter count; print the
+#                   evaluation command
+#   --print-flags   print the main.py flags of each training phase, one line per phase
+#                   (for scripts/slurm.sh) and exit
+#   anything else   passed to main.py, after the published flags (so it wins), in every phase
+# Environment: DATA_DIR (default data/$DATASET), CHECKPOINT (default checkpoints/$NAME.pt),
+# PYTHON (default python). Commands run from the repository root; relative paths in extra
+# flags are relative to it.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# The training settings shared by all character-level configurations (enwik8, text8);
+# each script adds the model shape, span, block size and warm-up.
+CHAR_FLAGS=(--optim adagrad --lr 0.07 --momentum 0 --grad-clip 0.03 --batch-sz 64
+            --adapt-span --adapt-span-cache --nbatches 1000)
+
+count_gpus() {
+    local n=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    if [[ "$n" -gt 0 ]]; then echo "$n"; else echo 1; fi
+}
+
+# Print a command (shell-quoted) and run it.
+run_cmd() {
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+    "$@"
+}
+
+launch_usage() {
+    echo "usage: bash scripts/$NAME.sh [--gpus G] [--eval] [--dry-run] [--print-flags] [main.py flags...]"
+    sed -n '/^# Options of every/,/^# flags are relative/p' "$ROOT/scripts/common.sh" | sed 's/^# \{0,1\}//'
+}
+
+launch() {
+    local gpus="" mode=train extra=() python_bin="${PYTHON:-python}"
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --gpus) gpus="${2:?--gpus needs a number}"; shift 2 ;;
+            --gpus=*) gpus="${1#--gpus=}"; shift ;;
+            --eval) mode=eval; shift ;;
+            --dry-run) mode=dry; shift ;;
+            --print-flags) mode=print; shift ;;
+            -h|--help) launch_usage; return 0 ;;
+            *) extra+=("$1"); shift ;;
+        esac
+    done
+    cd "$ROOT"
+    local data="${DATA_DIR:-data/$DATASET}" ckpt="${CHECKPOINT:-checkpoints/$NAME.pt}"
+    local base=("${FLAGS[@]}" --data "$data" --checkpoint "$ckpt")
+    local last=(${PHASES[-1]})  # flags of the last phase (word-split on purpose)
+    local evaluate=("$python_bin" main.py "${base[@]}" "${last[@]}" "${extra[@]}" --full-eval-mode --batch-sz 8)
+    local phase
+    case "$mode" in
+    print)
+        for phase in "${PHASES[@]}"; do echo "${base[*]} $phase${extra[*]:+ ${extra[*]}}"; done ;;
+    dry)
+        for phase in "${PHASES[@]}"; do
+            run_cmd "$python_bin" main.py "${base[@]}" $phase "${extra[@]}" --dry-run --vocab-size "$VOCAB"
+        done
+        echo "then the evaluation (not run by --dry-run), with and without --reference-eval:"
+        printf ' %q' "${evaluate[@]}" --reference-eval
+        printf '\n' ;;
+    train|eval)
+        run_cmd bash scripts/get_data.sh "$DATASET" "$data"
+        if [[ "$mode" == train ]]; then
+            gpus="${gpus:-$(count_gpus)}"
+            mkdir -p "$(dirname "$ckpt")"
+            for phase in "${PHASES[@]}"; do
+                run_cmd torchrun --standalone --nproc_per_node="$gpus" main.py "${base[@]}" $phase \
+                    "${extra[@]}" --distributed
+            done
+        fi
+        run_cmd "${evaluate[@]}" --reference-eval
+        run_cmd "${evaluate[@]}" ;;
+    esac
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Train on a SLURM cluster: one torchrun per node (srun task), which starts one process per GPU
+# and meets the other nodes at a c10d rendezvous on the first node of the allocation.
+# The arguments are main.py flags; the configuration scripts print theirs with --print-flags
+# (one line per training phase). Run from the repository root, after preparing the data
+# on a machine with internet access (compute nodes often have none):
+#
+#   bash scripts/get_data.sh enwik8
+#   flags=$(bash scripts/enwik8_large.sh --print-flags)          # 2 lines: train, fine-tune
+#   jid=$(sbatch --parsable --nodes=1 --gpus-per-node=8 scripts/slurm.sh $(sed -n 1p <<<"$flags"))
+#   sbatch --dependency=afterok:$jid --nodes=1 --gpus-per-node=8 scripts/slurm.sh $(sed -n 2p <<<"$flags")
+#   bash scripts/enwik8_large.sh --eval                           # full evaluation, one GPU
+#
+# --batch-sz is the global batch: it is divided among all processes (nodes x GPUs), so it
+# must be divisible by their number. Resubmitting the same line resumes from --checkpoint.
+# Partition, account and time limit are cluster specific: add them to the sbatch line.
+#
+#SBATCH --job-name=adaptive-span
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --time=72:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    echo "slurm.sh: error: submit it with sbatch (see the comment at its top)" >&2
+    exit 2
+fi
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-29500}
+# GPUs per node: what SLURM granted, else what the node shows.
+GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L | grep -c '^GPU')}
+export MASTER_ADDR MASTER_PORT GPUS_PER_NODE
+echo "nodes=$SLURM_NNODES gpus/node=$GPUS_PER_NODE rendezvous=$MASTER_ADDR:$MASTER_PORT"
+
+# SLURM_NODEID differs per task, so it is expanded inside each task (single quotes).
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    exec torchrun --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" \
+        --nproc_per_node="$GPUS_PER_NODE" --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d \
+        --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" main.py "$@" --distributed
+' slurm-task "$@"
