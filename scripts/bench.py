@@ -1,0 +1,362 @@
+"""Benchmark of the attention paths ("reference" vs "grouped"), not a test.
+
+Dimension legend: B batch, M block length, L max span, H hidden, K heads,
+D head dim, V vocabulary.
+
+Reports, for both paths side by side in one run:
+  1. one attention layer (B=4, K=8, D=64, M=512; --quick: B=1, M=256),
+     forward+backward median time and peak memory, at max span 1024..8192 for
+     head spans (a) all short, (b) mixed, (c) all at max;
+  2. a whole training step of a medium model (4 layers, hidden 128, 4 heads,
+     block 128, batch 8, short learned spans and one long head per layer):
+     tokens/s and peak memory at max span 512 and 4096;
+  3. attention multiply-adds per token of each path (attention_flops_per_token);
+  with --device cuda --config enwik8: the enwik8 model (bf16 autocast) tokens/s,
+  peak memory and MFU.
+
+Every case runs in a fresh subprocess, so that on CPU the peak memory is the
+growth of the process's maximum resident set size (ru_maxrss) over its size
+after the inputs are built; on CUDA it is torch.cuda.max_memory_allocated.
+
+    python scripts/bench.py --quick [--json FILE] [--threads 1] [--device cpu]
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adaptive_span import AdaptiveSpan  # noqa: E402
+from attention import BUCKET, chunk_size  # noqa: E402
+from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
+
+IMPLS = ("reference", "grouped")
+RAMP = 32
+H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
+
+
+# ---- spans ---------------------------------------------------------------------
+def profile_spans(profile: str, max_span: int, nheads: int) -> list:
+    """Head spans (positions with a non-zero mask) of a span profile."""
+    if profile == "short":
+        return [32 + (512 - 32) * k // (nheads - 1) for k in range(nheads)]  # 32 .. 512
+    if profile == "mixed":
+        base = [32, 64, 64, 128, 128, 256, 512]
+        return (base[:nheads - 1] + [max_span])[-nheads:]
+    return [max_span] * nheads
+
+
+def set_spans(span: AdaptiveSpan, spans: list) -> None:
+    """current_val such that head_spans() == spans (z just below an integer)."""
+    L = span.attn_span
+    vals = [1.0 if s >= L else max(0.0, (s - span.ramp - 0.5) / L) for s in spans]
+    with torch.no_grad():
+        span.current_val.copy_(torch.tensor(vals).view(-1, 1, 1))
+
+
+# ---- FLOPs ---------------------------------------------------------------------
+def _windows(head_spans: list, max_span: int, impl: str) -> list:
+    """Key positions each head scores: L' (all heads) for the reference, the head's
+    bucketed window for the grouped path."""
+    trim = min(max_span - 1, max_span - max(head_spans)) // BUCKET * BUCKET
+    keep = max_span - trim
+    if impl == "reference":
+        return [keep] * len(head_spans)
+    return [min(keep, max(BUCKET, -(-s // BUCKET) * BUCKET)) for s in head_spans]
+
+
+def attention_flops_per_token(cfg: ModelConfig, head_spans: list, impl: str,
+                              block_size: int) -> float:
+    """Multiply-adds per token of one forward pass of the attention of all layers:
+    content logits QK^T, position logits, probs@V and the K/V projections (the
+    query and output projections do not depend on the span and are left out).
+    ``head_spans``: per layer a list of per-head spans (or one list for every layer)."""
+    per_layer = head_spans if isinstance(head_spans[0], list) else [head_spans] * cfg.nlayers
+    M, H, D, L = block_size, cfg.hidden_size, cfg.head_dim, cfg.attn_span
+    total = 0.0
+    for spans in per_layer:
+        for W in _windows(spans, L, impl):
+            band = M + W if impl == "reference" else chunk_size(M, W) + W  # keys per query
+            total += band * D  # content logits (the banded or dense product)
+            total += W * D  # position logits
+            total += band * D  # probs @ V
+            total += 2 * (W + M) / M * H * D  # this head's K and V rows, per query
+    return total
+
+
+def model_flops_per_token(cfg: ModelConfig, head_spans: list, impl: str, block_size: int) -> float:
+    """FLOPs per token of a training step (forward + backward = 3 x forward, 2 per MAC)."""
+    H, I, V = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size
+    dense = cfg.nlayers * (2 * H * H + (2 * H * I if cfg.has_ff else 0)) + H * V
+    return 3 * 2 * (dense + attention_flops_per_token(cfg, head_spans, impl, block_size))
+
+
+# ---- measurement ---------------------------------------------------------------
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, device: str, repeats: int) -> dict:
+    """Median seconds per step of each path, the paths alternating within every
+    repeat (so both see the same machine load)."""
+    for step in steps.values():
+        step()  # warm-up
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory_mb(step, device: str) -> float:
+    """Peak memory of two steps (see the module docstring)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = max_rss_bytes()
+    step()
+    step()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else max_rss_bytes()
+    return (peak - base) / 2**20
+
+
+def layer_step(impl: str, max_span: int, profile: str, B: int, M: int, device: str):
+    """One attention layer's forward+backward with a full cache of L states."""
+    K, D = 8, 64
+    H = K * D
+    torch.manual_seed(0)
+    span = AdaptiveSpan(max_span, K, ramp=RAMP).to(device)
+    set_spans(span, profile_spans(profile, max_span, K))
+    query = torch.randn(B, M, H, device=device, requires_grad=True)  # (B, M, H)
+    h_all = torch.randn(B, max_span + M, H, device=device, requires_grad=True)  # (B, L+M, H)
+    w_key = (torch.randn(H, H, device=device) / math.sqrt(H)).requires_grad_()  # (H, H)
+    w_val = (torch.randn(H, H, device=device) / math.sqrt(H)).requires_grad_()  # (H, H)
+    key_pe = torch.randn(1, D, max_span, device=device, requires_grad=True)  # (1, D, L)
+    fn = ATTN_IMPLS[impl]
+
+    def step():
+        out = fn(query, h_all, w_key, w_val, key_pe, K, span, None, 0.0, True)  # (B, M, H)
+        out.sum().backward()
+
+    return step
+
+
+def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16: bool):
+    """A training step: forward, span loss, backward, Adagrad step, span reset."""
+    torch.manual_seed(0)
+    model = TransformerSeq(cfg).to(device)
+    for layer in model.layers:
+        set_spans(layer.span, spans)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.07)
+    x = torch.randint(0, cfg.vocab_size, (B, M + 1), device=device)
+    state = {"caches": [torch.randn_like(c) for c in model.init_cache(B, device)]}
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            nll, caches = model(x[:, :-1], state["caches"], x[:, 1:])  # (B, M)
+            loss = nll.mean() + model.span_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for layer in model.layers:  # keep the spans where they were set
+            set_spans(layer.span, spans)
+        state["caches"] = caches
+
+    return step
+
+
+def medium_config(max_span: int) -> ModelConfig:
+    return ModelConfig(vocab_size=205, hidden_size=128, inner_hidden_size=512, nlayers=4,
+                       nheads=4, attn_span=max_span, dropout=0.0, adapt_span=True,
+                       adapt_span_cache=True, adapt_span_ramp=RAMP)
+
+
+def enwik8_config(impl: str) -> ModelConfig:
+    return ModelConfig(vocab_size=205, hidden_size=512, inner_hidden_size=2048, nlayers=12,
+                       nheads=8, attn_span=8192, dropout=0.0, adapt_span=True,
+                       adapt_span_cache=True, adapt_span_ramp=RAMP, attn_impl=impl)
+
+
+MEDIUM_SPANS = [32, 64, 128, None]  # None: the layer's max span (one long head)
+ENWIK8_SPANS = [32, 64, 64, 128, 128, 256, 512, 8192]
+
+
+def make_step(spec: dict, impl: str):
+    if spec["kind"] == "layer":
+        return layer_step(impl, spec["max_span"], spec["profile"], spec["B"], spec["M"],
+                          spec["device"])
+    if spec["kind"] == "model":
+        L = spec["max_span"]
+        cfg = medium_config(L)
+        cfg.attn_impl = impl
+        return model_step(cfg, [s or L for s in MEDIUM_SPANS], 8, 128, spec["device"], False)
+    return model_step(enwik8_config(impl), ENWIK8_SPANS, 8, 512, "cuda", True)  # "enwik8"
+
+
+def run_worker(spec: dict) -> dict:
+    """mode "time": both paths, interleaved; mode "mem": one path's peak memory."""
+    torch.set_num_threads(spec["threads"])
+    try:
+        if spec["mode"] == "mem":
+            return {"peak_mb": peak_memory_mb(make_step(spec, spec["impl"]), spec["device"])}
+        steps = {impl: make_step(spec, impl) for impl in IMPLS}
+        return time_interleaved(steps, spec["device"], spec["repeats"])
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+
+
+def spawn(spec: dict) -> dict:
+    """Run one measurement in a fresh interpreter (clean peak memory)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_case(spec: dict) -> dict:
+    """{impl: {"seconds", "peak_mb"}} for both paths."""
+    times = spawn(dict(spec, mode="time"))
+    out = {}
+    for impl in IMPLS:
+        mem = spawn(dict(spec, mode="mem", impl=impl))
+        out[impl] = {"seconds": times.get(impl, float("nan")),
+                     "peak_mb": mem.get("peak_mb", float("nan"))}
+    return out
+
+
+# ---- report --------------------------------------------------------------------
+def layer_section(args, B: int, M: int, repeats: int) -> list:
+    rows = []
+    for max_span in args.spans:
+        for profile in ("short", "mixed", "max"):
+            row = {"max_span": max_span, "profile": profile, "B": B, "M": M}
+            row.update(measure_case({"kind": "layer", "max_span": max_span, "profile": profile,
+                                     "B": B, "M": M, "device": args.device, "repeats": repeats,
+                                     "threads": args.threads}))
+            row["speedup"] = row["reference"]["seconds"] / row["grouped"]["seconds"]
+            print(f"{max_span:>6} {profile:>6} | {row['reference']['seconds'] * 1e3:9.1f} "
+                  f"{row['grouped']['seconds'] * 1e3:9.1f} {row['speedup']:6.2f}x | "
+                  f"{row['reference']['peak_mb']:8.0f} {row['grouped']['peak_mb']:8.0f}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def model_section(args, repeats: int) -> list:
+    rows = []
+    for max_span in (512, 4096):
+        row = {"max_span": max_span, "spans": [s or max_span for s in MEDIUM_SPANS]}
+        row.update(measure_case({"kind": "model", "max_span": max_span, "device": args.device,
+                                 "repeats": repeats, "threads": args.threads}))
+        for impl in IMPLS:
+            row[impl]["tokens_per_s"] = 8 * 128 / row[impl]["seconds"]
+        row["speedup"] = row["grouped"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
+        print(f"{max_span:>6} | {row['reference']['tokens_per_s']:9.0f} "
+              f"{row['grouped']['tokens_per_s']:9.0f} {row['speedup']:6.2f}x | "
+              f"{row['reference']['peak_mb']:8.0f} {row['grouped']['peak_mb']:8.0f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def flops_section(args, M: int) -> list:
+    rows = []
+    cases = [(f"layer {p}", ModelConfig(vocab_size=205, hidden_size=512, nlayers=1, nheads=8,
+                                        attn_span=L), profile_spans(p, L, 8), M)
+             for L in args.spans for p in ("short", "mixed", "max")]
+    cases += [("medium model", medium_config(L), [s or L for s in MEDIUM_SPANS], 128)
+              for L in (512, 4096)]
+    cases.append(("enwik8 model", enwik8_config("grouped"), ENWIK8_SPANS, 512))
+    for name, cfg, spans, block in cases:
+        ref, grp = (attention_flops_per_token(cfg, spans, impl, block) for impl in IMPLS)
+        rows.append({"case": name, "max_span": cfg.attn_span, "block": block, "spans": spans,
+                     "reference": ref, "grouped": grp})
+        print(f"{name:>13} {cfg.attn_span:>6} {block:>4} | {ref / 1e6:9.2f} {grp / 1e6:9.2f} "
+              f"{ref / grp:6.2f}x", flush=True)
+    return rows
+
+
+def enwik8_section(args, repeats: int) -> list:
+    rows = []
+    row = {"config": "enwik8", "spans": ENWIK8_SPANS}
+    row.update(measure_case({"kind": "enwik8", "device": "cuda", "repeats": repeats,
+                             "threads": args.threads}))
+    for impl in IMPLS:
+        r = row[impl]
+        r["tokens_per_s"] = 8 * 512 / r["seconds"]
+        flops = model_flops_per_token(enwik8_config(impl), ENWIK8_SPANS, impl, 512)
+        r["mfu"] = r["tokens_per_s"] * flops / H200_BF16_PEAK
+        print(f"{impl:>10} | {r['tokens_per_s']:10.0f} tok/s | {r['peak_mb']:9.0f} MB | "
+              f"MFU {100 * r['mfu']:5.1f}% (nan: out of memory)", flush=True)
+    rows.append(row)
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="B=1, M=256 layer cases, fewer repeats")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--config", choices=["none", "enwik8"], default="none",
+                   help="with --device cuda: also time the enwik8 model (bf16 autocast)")
+    p.add_argument("--spans", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--skip-layer", action="store_true")
+    p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+    B, M, repeats = (1, 256, 3) if args.quick else (4, 512, 5)
+    mem = "cuda max_memory_allocated" if args.device == "cuda" else "max RSS growth"
+    report = {"device": args.device, "threads": args.threads, "quick": args.quick,
+              "torch": torch.__version__, "memory": mem}
+    print(f"# device {args.device}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"peak memory = {mem}")
+    if not args.skip_layer:
+        print(f"\n## one attention layer, forward+backward (B={B}, K=8, D=64, M={M}, cache L)")
+        print("  span  heads |    ref ms   grp ms  speedup |   ref MB   grp MB")
+        report["layer"] = layer_section(args, B, M, repeats)
+    if not args.skip_model:
+        print("\n## medium model training step (4 layers, H=128, K=4, M=128, B=8)")
+        print("  span |  ref tok/s grp tok/s speedup |   ref MB   grp MB")
+        report["model"] = model_section(args, repeats)
+    print("\n## attention multiply-adds per token (millions, forward)")
+    print("         case   span    M |       ref       grp  ratio")
+    report["flops"] = flops_section(args, M)
+    if args.device == "cuda" and args.config == "enwik8":
+        print("\n## enwik8 model training step (12 layers, H=512, K=8, L=8192, M=512, B=8, bf16)")
+        report["enwik8"] = enwik8_section(args, repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
