@@ -28,9 +28,8 @@ from utils import ConfigError
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
-CACHE_VERSION = 1
-_EOS_KEY = np.uint64(0)  # no real token has key 0 (NUL bytes take the Python path)
-_SMALL_KEYS = 1 << 24  # tokens of at most 3 bytes fit a direct lookup table
+CACHE_VERSION = 2
+CHUNK_BYTES = 1 << 25  # tokenise in pieces of 32 MB
 
 
 @dataclass
@@ -86,76 +85,115 @@ class Corpus:
 
 
 # ---- tokenising ----------------------------------------------------------------
-def _fast_keys(raw: bytes) -> Optional[np.ndarray]:
-    """Token keys of ASCII text with short tokens, vectorised; None when the Python path is needed."""
+class _NotFast(Exception):
+    """The text needs Python's ``str.split`` (unicode, long tokens, odd whitespace)."""
+
+
+def _chunks(path: Path, size: int = CHUNK_BYTES):
+    """The file's bytes in pieces that end after a newline (the last piece may not)."""
+    total = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=total, unit="B", unit_scale=True, leave=False,
+                                     desc=f"tokenising {path.name}", disable=total < size) as bar:
+        rest = b""
+        while True:
+            block = f.read(size)
+            if not block:
+                break
+            bar.update(len(block))
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            rest = block[cut:]
+            if cut:
+                yield block[:cut]
+        if rest:
+            yield rest + b"\n"  # the last line gets its <eos> too
+
+
+def _byte_classes() -> np.ndarray:
+    """0: whitespace, 1: token byte, 2: newline, 3: needs Python (unicode, CR, NUL, separators)."""
+    table = np.ones(256, dtype=np.uint8)
+    table[[32, 9, 11, 12]] = 0
+    table[10] = 2
+    table[[0, 13, 0x1C, 0x1D, 0x1E, 0x1F]] = 3
+    table[0x80:] = 3
+    return table
+
+
+_CLASSES = _byte_classes()
+
+
+def _chunk_keys(raw: bytes) -> np.ndarray:
+    """Keys of the tokens of whole lines: bytes packed little-endian, 0 for end of line."""
     a = np.frombuffer(raw, dtype=np.uint8)
-    if a.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    if a[-1] != 10:
-        a = np.concatenate([a, np.array([10], dtype=np.uint8)])
-    if ((a >= 0x80) | (a == 13) | (a == 0) | ((a >= 0x1C) & (a <= 0x1F))).any():
-        return None  # unicode whitespace or universal newlines: let Python split
-    is_nl = a == 10
-    is_tok = ~(is_nl | (a == 32) | (a == 9) | (a == 11) | (a == 12))
-    prev = np.concatenate([[False], is_tok[:-1]])
-    nxt = np.concatenate([is_tok[1:], [False]])
-    starts = np.flatnonzero(is_tok & ~prev)
-    ends = np.flatnonzero(is_tok & ~nxt) + 1
-    lengths = ends - starts
-    if lengths.size and lengths.max() > 7:
-        return None
-    words = np.zeros(starts.size, dtype=np.uint64)
-    for j in range(int(lengths.max()) if lengths.size else 0):
-        byte = a[np.minimum(starts + j, a.size - 1)].astype(np.uint64)
-        words |= np.where(lengths > j, byte, 0).astype(np.uint64) << np.uint64(8 * j)
-    order = np.flatnonzero(is_tok & ~prev | is_nl)  # every token start, in text order
-    keys = np.full(order.size, _EOS_KEY, dtype=np.uint64)
-    keys[~is_nl[order]] = words
-    keys[keys == _key_of(EOS)] = _EOS_KEY  # a literal "<eos>" is the end-of-line token
+    cls = _CLASSES[a]
+    if cls.max(initial=0) == 3:
+        raise _NotFast
+    is_tok = cls == 1
+    edges = np.diff(is_tok.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    lengths = np.flatnonzero(edges == -1) - starts
+    if lengths.size and lengths.max() > 3:
+        raise _NotFast
+    words = a[starts].astype(np.uint32)
+    for j in (1, 2):
+        longer = lengths > j
+        words[longer] |= a[starts[longer] + j].astype(np.uint32) << np.uint32(8 * j)
+    is_start = cls == 2
+    is_start[starts] = True
+    order = np.flatnonzero(is_start)  # every token start and every newline, in text order
+    keys = np.zeros(order.size, dtype=np.uint32)
+    keys[cls[order] == 1] = words
     return keys
 
 
-def _key_of(word: str) -> np.uint64:
-    return np.uint64(int.from_bytes(word.encode("ascii"), "little"))
-
-
 def _word_of(key: int) -> str:
-    if key == int(_EOS_KEY):
-        return EOS
-    return key.to_bytes(8, "little").rstrip(b"\0").decode("ascii")
+    return EOS if key == 0 else key.to_bytes(4, "little").rstrip(b"\0").decode("ascii")
 
 
-def _first_appearance(keys: np.ndarray) -> np.ndarray:
-    """Distinct keys in order of first appearance."""
-    distinct = np.unique(keys[: 1 << 22], return_index=True)
-    first = dict(zip(distinct[0].tolist(), distinct[1].tolist()))
-    small = keys if keys.size and keys.max() < _SMALL_KEYS else None
-    present = np.flatnonzero(np.bincount(small.astype(np.int64), minlength=1)) if small is not None \
-        else np.unique(keys)
-    for key in present.tolist():
-        if key not in first:
-            first[key] = int(np.argmax(keys == key))
-    return np.array(sorted(first, key=first.get), dtype=np.uint64)
+class _KeyVocab:
+    """Ids of packed short tokens through a direct lookup table, in order of first appearance."""
+
+    def __init__(self):
+        self.table = np.full(1 << 24, -1, dtype=np.int32)
+        self.keys: List[int] = []
+
+    def ids(self, keys: np.ndarray, grow: bool, path: Path) -> np.ndarray:
+        ids = self.table[keys]
+        unseen = ids < 0
+        if unseen.any():
+            if not grow:
+                raise ConfigError(f"{path}: token {_word_of(int(keys[np.argmax(unseen)]))!r} does not occur "
+                                  "in the training split, so it has no id; the vocabulary comes from train")
+            first = np.full(self.table.size, keys.size, dtype=np.int64)
+            np.minimum.at(first, keys[unseen], np.flatnonzero(unseen))  # first index of each new key
+            new = np.flatnonzero(first < keys.size)
+            for key in new[np.argsort(first[new])].tolist():
+                self.table[key] = len(self.keys)
+                self.keys.append(key)
+            ids = self.table[keys]
+        return ids
 
 
-def _lookup(keys: np.ndarray, vocab_keys: np.ndarray, path: Path) -> np.ndarray:
-    """Ids of ``keys`` in ``vocab_keys`` order; an unseen token is an error naming the file."""
-    sorter = np.argsort(vocab_keys)
-    pos = np.searchsorted(vocab_keys, keys, sorter=sorter).clip(0, vocab_keys.size - 1)
-    ids = sorter[pos]
-    unseen = vocab_keys[ids] != keys
-    if unseen.any():
-        word = _word_of(int(keys[np.argmax(unseen)]))
-        raise ConfigError(f"{path}: token {word!r} does not occur in the training split, so it has no id; "
-                          "the vocabulary is built from train.txt only")
-    return ids
+def _fast_ids(paths: Dict[str, Path]) -> Tuple[List[str], Dict[str, np.ndarray]]:
+    vocab = _KeyVocab()
+    ids = {}
+    for name in SPLITS:
+        parts = [vocab.ids(_chunk_keys(raw), name == "train", paths[name]) for raw in _chunks(paths[name])]
+        ids[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return [_word_of(k) for k in vocab.keys], ids
 
 
 def _python_ids(path: Path, index: Dict[str, int], grow: bool) -> np.ndarray:
     """``line.split() + ['<eos>']`` per line, with Python (for unicode or long tokens)."""
-    ids = array("q")
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in tqdm(f, desc=f"tokenising {path.name}", unit=" lines", mininterval=2, leave=False):
+    ids = array("i")
+    total = path.stat().st_size
+    with open(path, encoding="utf-8", errors="surrogateescape") as f, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenising {path.name}", leave=False,
+                 disable=total < CHUNK_BYTES) as bar:
+        for n, line in enumerate(f):
+            if n % 65536 == 0:
+                bar.n = f.buffer.tell() if hasattr(f, "buffer") else bar.n
+                bar.refresh()
             words = line.split()
             words.append(EOS)
             if grow:
@@ -165,22 +203,18 @@ def _python_ids(path: Path, index: Dict[str, int], grow: bool) -> np.ndarray:
                 ids.extend([index[w] for w in words])
             except KeyError as err:
                 raise ConfigError(f"{path}: token {err.args[0]!r} does not occur in the training split, "
-                                  "so it has no id; the vocabulary is built from train.txt only") from None
-    return np.frombuffer(ids, dtype=np.int64)
+                                  "so it has no id; the vocabulary comes from train") from None
+    return np.frombuffer(ids, dtype=np.int32)
 
 
 def tokenize_splits(paths: Dict[str, Path]) -> Tuple[List[str], Dict[str, np.ndarray]]:
     """Vocabulary in first-appearance order of train, and the ids of every split."""
-    raw = {name: paths[name].read_bytes() for name in SPLITS}
-    keys = {name: _fast_keys(raw[name]) for name in SPLITS}
-    if all(k is not None for k in keys.values()):
-        vocab_keys = _first_appearance(keys["train"])
-        ids = {name: _lookup(keys[name], vocab_keys, paths[name]) for name in SPLITS}
-        return [_word_of(int(k)) for k in vocab_keys], ids
-    del raw, keys
-    index: Dict[str, int] = {}
-    ids = {name: _python_ids(paths[name], index, grow=name == "train") for name in SPLITS}
-    return list(index), ids
+    try:
+        return _fast_ids(paths)
+    except _NotFast:
+        index: Dict[str, int] = {}
+        ids = {name: _python_ids(paths[name], index, grow=name == "train") for name in SPLITS}
+        return list(index), ids
 
 
 def sort_by_frequency(idx2word: List[str], ids: Dict[str, np.ndarray]):
