@@ -182,13 +182,18 @@ def read_member(archive: Path, member: str) -> bytes:
 
 
 def check_archive(archive: Path, name: str) -> None:
-    """Cheap validity check of a cached download: readable zip holding what we need."""
+    """Cheap check of a downloaded archive: a readable zip holding what we need, of the
+    official size (from the zip directory, without decompressing)."""
+    spec = SPECS[name]
     with open_zip(archive) as zf:
-        names = {Path(n).name for n in zf.namelist()}
-        needed = [SPECS[name].member] if SPECS[name].member else [f"wiki.{s}.tokens" for s in SPLITS]
-        missing = [n for n in needed if n not in names]
-        if missing:
-            raise ArchiveError(f"{archive} lacks {', '.join(missing)}")
+        infos = {Path(i.filename).name: i for i in zf.infolist()}
+    needed = [spec.member] if spec.member else [f"wiki.{s}.tokens" for s in SPLITS]
+    missing = [n for n in needed if n not in infos]
+    if missing:
+        raise ArchiveError(f"{archive} lacks {', '.join(missing)}")
+    if spec.full_size and infos[spec.member].file_size != spec.full_size:
+        raise ArchiveError(f"{archive}: its member {spec.member} has "
+                           f"{infos[spec.member].file_size:,} bytes, not {spec.full_size:,}")
 
 
 def download(url: str, dest: Path) -> None:
@@ -238,8 +243,9 @@ def fetch(name: str, out: Path) -> Path:
             print(f"using the archive downloaded before: {dest}")
             return dest
         except PrepError as err:
-            print(f"{err}; downloading it again")
-            dest.unlink()
+            aside = dest.with_name(dest.name + ".invalid")
+            os.replace(dest, aside)
+            print(f"{err}; moved it to {aside}, downloading it again")
     errors = []
     for url in spec.urls:
         try:
@@ -268,10 +274,11 @@ def existing_state(out: Path, name: str, test_size: Optional[int]) -> bool:
         return True
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
-    if all((out / f"{s}.txt").is_file() for s in SPLITS):
-        print(f"{name}: {out} holds train/valid/test.txt without {MARKER} "
-              f"(made by another tool?); using it as is")
-        return True
+    for pattern in ("{}.txt", "wiki.{}.tokens"):  # both are read by data.py
+        if all((out / pattern.format(s)).is_file() for s in SPLITS):
+            print(f"{name}: {out} holds {pattern.format('{train,valid,test}')} without {MARKER} "
+                  f"(made by another tool?); using it as is")
+            return True
     raise PrepError(f"{out} exists but is not a complete prepared folder; delete it and rerun")
 
 

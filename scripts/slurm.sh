@@ -28,7 +28,7 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     exit 2
 fi
 
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # not head: SIGPIPE + pipefail
 MASTER_PORT=${MASTER_PORT:-29500}
 # GPUs per node: what SLURM granted, else what the node shows.
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L | grep -c '^GPU')}

@@ -6,6 +6,7 @@ skip when that folder is absent. Nothing here needs the internet: downloads are 
 against a local HTTP server.
 """
 import concurrent.futures
+import dataclasses
 import functools
 import http.server
 import os
@@ -86,7 +87,8 @@ def test_token_format_against_plain_loop(tmp_path, monkeypatch, chunk):
     """Every byte value, runs of newlines, newline at both ends, chunk boundaries."""
     monkeypatch.setattr(prepare_data, "CHUNK", chunk)
     rng = np.random.default_rng(0)
-    enwik = b"\n" + bytes(range(256)) + b"ab\n\n\ncd" + rng.integers(0, 256, 300).astype(np.uint8).tobytes() + b"\n"
+    noise = rng.integers(0, 256, 300).astype(np.uint8).tobytes()
+    enwik = b"\n" + bytes(range(256)) + b"ab\n\n\ncd" + noise + b"\n"
     prepare_data.write_tokens(np.frombuffer(enwik, np.uint8), tmp_path / "e.txt", "enwik8")
     assert (tmp_path / "e.txt").read_bytes() == reference_enwik8(enwik)
     text = b"  the quick  brown fox " + bytes(rng.choice(list(b"ab "), 200)) + b" "
@@ -170,19 +172,38 @@ def test_wikitext_files_are_copied(tmp_path):
         assert (tmp_path / "w" / f"{split}.txt").read_bytes() == data
 
 
-def test_all_uses_archives_downloaded_before(tmp_path):
+def official(monkeypatch, **sizes):
+    """Pretend the official archives are the shared slices (their sizes) at unreachable URLs."""
+    for name, size in sizes.items():
+        spec = dataclasses.replace(prepare_data.SPECS[name], full_size=size,
+                                   urls=["http://127.0.0.1:9/none.zip"])
+        monkeypatch.setitem(prepare_data.SPECS, name, spec)
+
+
+def test_all_uses_archives_downloaded_before(tmp_path, monkeypatch, capsys):
     """`all` prepares DIR/<name> for each dataset; valid archives already in DIR are used
     without any network access."""
     need(ENWIK8_ZIP, TEXT8_ZIP, F1_DATA, F2_DATA, SHARED / "wikitext-2" / "wiki.test.raw")
+    official(monkeypatch, enwik8=4_154_399, text8=3_010_294)
     shutil.copy(ENWIK8_ZIP, tmp_path / "enwik8.zip")
     shutil.copy(TEXT8_ZIP, tmp_path / "text8.zip")
     parts = wikitext_zip(tmp_path / "wikitext-103-v1.zip")
-    res = get_data("all", tmp_path, "--test-size", 200000)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.count("downloaded before") == 3
+    assert prepare_data.main(["all", str(tmp_path), "--test-size", "200000"]) == 0
+    assert capsys.readouterr().out.count("downloaded before") == 3
     assert (tmp_path / "enwik8" / "valid.txt").read_bytes() == (F2_DATA / "valid.txt").read_bytes()
     assert len((tmp_path / "text8" / "test.txt").read_bytes()) == 2 * 200000 - 1
     assert (tmp_path / "wikitext-103" / "test.txt").read_bytes() == parts["test"]
+
+
+def test_archive_of_the_wrong_size_is_not_used(tmp_path, monkeypatch, capsys):
+    need(TEXT8_ZIP)
+    official(monkeypatch, text8=100_000_000)
+    shutil.copy(TEXT8_ZIP, tmp_path / "text8.zip")
+    assert prepare_data.main(["text8", str(tmp_path / "text8")]) == 1
+    out, err = capsys.readouterr()
+    assert "has 3,010,294 bytes, not 100,000,000" in out and "moved it to" in out
+    assert "download of http://127.0.0.1:9/none.zip failed" in err and "--from-archive" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text8.zip.invalid"]
 
 
 @pytest.fixture
