@@ -118,13 +118,19 @@ def reference_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.T
 BUCKET = 64  # head windows are rounded up to a multiple of this many positions
 
 
-def head_windows(span: Optional[AdaptiveSpan], nheads: int, max_span: int) -> List[int]:
+def kept_length(span: Optional[AdaptiveSpan], max_span: int) -> int:
+    """L', the positions the reference keeps after trimming (a host sync)."""
+    return max_span - span.trim_len() if span is not None else max_span
+
+
+def head_windows(span: Optional[AdaptiveSpan], nheads: int, max_span: int,
+                 keep: Optional[int] = None) -> List[int]:
     """Positions each head must see: every position whose span mask *or its gradient*
     is non-zero (the clamp passes gradient at exactly 0), rounded up to ``BUCKET`` and
-    kept within the reference's trimmed length L'. One host sync per call."""
+    kept within the reference's trimmed length L' (``keep``). One host sync per call."""
+    keep = kept_length(span, max_span) if keep is None else keep
     if span is None:
-        return [max_span] * nheads
-    keep = max_span - span.trim_len()
+        return [keep] * nheads
     m = span._mask  # the unclamped mask, computed with the same float ops as AdaptiveMask.values
     raw = (m.mask_template + m.current_val.detach() * m.max_size) / m.ramp_size + 1  # (K, 1, L)
     reach = (raw >= 0).sum(-1).view(-1).tolist()  # K ints
@@ -202,11 +208,17 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
                       dropout: float, training: bool) -> torch.Tensor:
     """The function of ``reference_attention`` (up to the 1e-8 term) at a cost that
     follows each head's span: heads sharing a window W are projected, scored and
-    read over their own W positions only. query (B, M, H), h_all (B, C+M, H) -> (B, M, H)."""
+    read over their own W positions only (when every head needs the whole kept span
+    L', this is the reference computation itself). query (B, M, H), h_all (B, C+M, H)
+    -> (B, M, H)."""
     B, M, H = query.shape
     L = key_pe.size(-1)
     K, D = nheads, H // nheads
-    groups, order = group_heads(head_windows(span, K, L))
+    keep = kept_length(span, L)
+    groups, order = group_heads(head_windows(span, K, L, keep))
+    if len(groups) == 1 and groups[0][0] == keep:  # every head needs all of L': nothing to save
+        return reference_attention(query, h_all, w_key, w_val, key_pe, nheads, span, pers,
+                                   dropout, training)
     q_all = split_heads(query, K)  # (B, K, M, D)
     wk = w_key.view(K, D, H)  # (K, D, H)
     wv = w_val.view(K, D, H)  # (K, D, H)

@@ -228,6 +228,15 @@ def test_grouped_matches_reference_edge_values():
         _compare(2, 40, 100, 16, K, L, vals, 4)
 
 
+@pytest.mark.parametrize("vals", [[1.0, 1.0, 1.0], None])
+def test_grouped_is_the_reference_when_every_head_needs_the_whole_span(vals):
+    K, L = 3, 128
+    args = make_inputs(2, 20, 100, 12, K, L, dtype=torch.float32)
+    span = make_span(L, K, vals, dtype=torch.float32) if vals is not None else None
+    ref = reference_attention(*args, K, span, None, 0.0, False)
+    assert torch.equal(grouped_attention(*args, K, span, None, 0.0, False), ref)
+
+
 def test_head_windows_cover_every_nonzero_mask_and_gradient():
     L, K = 512, 5
     span = make_span(L, K, [0.0, 32 / L, 0.3, 1.0, -1.0])
