@@ -93,7 +93,7 @@ def _chunks(path: Path, size: int = CHUNK_BYTES):
     """The file's bytes in pieces that end after a newline (the last piece may not)."""
     total = path.stat().st_size
     with open(path, "rb") as f, tqdm(total=total, unit="B", unit_scale=True, leave=False,
-                                     desc=f"tokenising {path.name}", disable=total < size) as bar:
+                                     desc=f"tokenising {path.name}", disable=True if total < size else None) as bar:
         rest = b""
         while True:
             block = f.read(size)
@@ -189,7 +189,7 @@ def _python_ids(path: Path, index: Dict[str, int], grow: bool) -> np.ndarray:
     total = path.stat().st_size
     with open(path, encoding="utf-8", errors="surrogateescape") as f, \
             tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenising {path.name}", leave=False,
-                 disable=total < CHUNK_BYTES) as bar:
+                 disable=True if total < CHUNK_BYTES else None) as bar:
         for n, line in enumerate(f):
             if n % 65536 == 0:
                 bar.n = f.buffer.tell() if hasattr(f, "buffer") else bar.n

@@ -15,9 +15,12 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import checkpoint as ckpt_io
+import flops
+import plots  # matplotlib is imported lazily, only for the spans image
 from data import DataConfig, load_corpus
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq
 from trainer import TrainConfig, Trainer, build_optimizer, evaluate, to_unit
@@ -211,6 +214,10 @@ class StopFlag:
 
 
 def save(args, trainer, corpus, model_cfg, history, iter_no, dist, log) -> None:
+    # a partial iteration's running loss: every rank resumes with the mean over the ranks
+    totals = all_reduce_sum(torch.tensor([trainer.iter_loss, trainer.iter_count], dtype=torch.float64,
+                                         device=dist.device), dist) / dist.world_size
+    trainer.iter_loss, trainer.iter_count = totals[0].item(), round(totals[1].item())
     ranks = ckpt_io.gather_rank_states(trainer, lambda obj: all_gather_objects(obj, dist))
     if not (dist.is_main and args.checkpoint):
         return
@@ -222,14 +229,17 @@ def save(args, trainer, corpus, model_cfg, history, iter_no, dist, log) -> None:
     return ckpt_io.cache_megabytes(ranks)
 
 
-def log_iteration(args, trainer, model, history, val_nll, ms, metrics, log) -> None:
+def log_iteration(args, trainer, model, history, val_nll, ms, metrics, log,
+                  grad_norm: float = math.nan) -> None:
     unit, steps = args.data_unit, trainer.step
-    train_nll = trainer.iter_loss / max(trainer.iter_count, 1)
+    train_nll = trainer.iter_loss / trainer.iter_count if trainer.iter_count else math.nan
     line = (f"steps: {steps} train: {to_unit(train_nll, unit):.3f}{unit} "
             f"val: {to_unit(val_nll, unit):.3f}{unit} ms/batch: {ms:.1f}")
     stats = model.span_stats()
     if stats:
         line += f" span_avg: {stats['span_avg']:.1f} span_max: {stats['span_max']:.0f}"
+    cost = flops.flops_per_token(model)  # forward FLOPs per token at the current spans
+    line += " " + cost.log_text()
     if trainer.nonfinite_total:
         line += f" nonfinite_skipped: {trainer.nonfinite_total}"
     log(line)
@@ -242,8 +252,17 @@ def log_iteration(args, trainer, model, history, val_nll, ms, metrics, log) -> N
                             "train/loss": train_nll, "val/loss": val_nll, "ms_per_batch": ms,
                             "lr": trainer.optimizer.param_groups[0]["lr"],
                             "tokens_per_s": args.batch_sz * args.block_sz / max(ms, 1e-9) * 1000,
-                            **{f"span/{k}": v for k, v in stats.items()}})
+                            **{f"span/{k}": v for k, v in stats.items()},
+                            "train/grad_norm": grad_norm, **cost.metrics(),
+                            **{f"span_{kind}/layer_{l:02d}": value
+                               for l, layer in enumerate(model.layers) if layer.span is not None
+                               for kind, value in (("avg", layer.span.avg_span()),
+                                                   ("max", layer.span.max_span()))}})
     metrics.histogram(steps, "span/heads", [s for layer in model.head_spans() for s in layer])
+    if stats and metrics.writer is not None and len(history["step"]) % 10 == 1:  # first, then every 10th
+        image = plots.spans_image(model.head_spans(), model.cfg.attn_span)  # None without matplotlib
+        if image is not None:
+            metrics.image(steps, "span/heads_figure", image)
 
 
 def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
@@ -253,14 +272,17 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
     metrics = MetricsLog(tensorboard_dir(args), dist.is_main)
     stop = StopFlag()
     while done < trainer.cfg.niter:
-        start, steps_run = time.time(), 0
+        start, steps_run, norms = time.time(), 0, []
         bar = tqdm(total=nb, initial=trainer.step - done * nb, desc=f"iter {done}", leave=False,
-                   disable=not dist.is_main, mininterval=1)
+                   disable=None if dist.is_main else True, mininterval=1)
         while trainer.step < (done + 1) * nb:
             result = trainer.train_step()
             steps_run += 1
+            if math.isfinite(result["grad_norm"]):
+                norms.append(result["grad_norm"])
             bar.update(1)
             if trainer.nonfinite_in_row >= trainer.cfg.max_nonfinite:
+                bar.close()
                 raise ConfigError(f"{trainer.nonfinite_in_row} steps in a row had a non-finite loss or "
                                   f"gradient (last grad norm {result['grad_norm']}); stopping. The last good "
                                   "checkpoint is untouched: lower --lr or raise --grad-clip and resume")
@@ -275,7 +297,8 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
                                              device=dist.device), dist)
         trainer.iter_loss, trainer.iter_count = totals[0].item() / dist.world_size, int(totals[1].item()) // dist.world_size
         val_nll = trainer.validate(max(1, nb // 10))
-        log_iteration(args, trainer, model, history, val_nll, ms, metrics, log)
+        log_iteration(args, trainer, model, history, val_nll, ms, metrics, log,
+                      grad_norm=sum(norms) / len(norms) if norms else math.nan)
         trainer.iter_loss, trainer.iter_count = 0.0, 0
         done += 1
         mb = save(args, trainer, corpus, model_cfg, history, done - 1, dist, log)
@@ -291,7 +314,8 @@ def run(argv=None) -> int:
     explicit = explicit_flags(parser, sys.argv[1:] if argv is None else argv)
     dist = init_distributed(args.device)
     log = log_to(dist)
-    ckpt = ckpt_io.load_checkpoint(Path(args.checkpoint), log) if args.checkpoint and not args.dry_run else None
+    ckpt = (ckpt_io.load_checkpoint(Path(args.checkpoint), log, set_aside=dist.is_main)
+            if args.checkpoint and not args.dry_run else None)
     if ckpt is not None and not ckpt_io.is_reference(ckpt):
         merge_saved_config(args, explicit, ckpt["config"])
     check_flags(args)
@@ -324,7 +348,9 @@ def run(argv=None) -> int:
     if ckpt is not None:
         check_resume(ckpt, train_cfg, args)
         ckpt_io.restore_trainer(trainer, ckpt, log)
-    return train(args, trainer, model, corpus, model_cfg, ckpt, dist, log)
+    code = train(args, trainer, model, corpus, model_cfg, ckpt, dist, log)
+    shutdown(dist)
+    return code
 
 
 def check_resume(ckpt: dict, train_cfg: TrainConfig, args) -> None:
@@ -339,6 +365,7 @@ def check_resume(ckpt: dict, train_cfg: TrainConfig, args) -> None:
                           "resume with the same global batch (any number of ranks that divides it)")
 
 
+@record
 def main(argv=None) -> int:
     try:
         return run(argv)

@@ -224,7 +224,7 @@ def evaluate(ddp_model, model, ids: np.ndarray, batch_size: int, block: int, dis
     caches = model.init_cache(local, dist.device)
     sums = torch.zeros(nblocks, 2, dtype=torch.float64, device=dist.device)  # per block: nll, count
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    bar = tqdm(range(nblocks), desc=desc, disable=not dist.is_main or nblocks < 20, leave=False)
+    bar = tqdm(range(nblocks), desc=desc, disable=True if not dist.is_main or nblocks < 20 else None, leave=False)
     for b in bar:
         cols = slice(b * block, (b + 1) * block)
         x = torch.from_numpy(np.ascontiguousarray(inputs[:, cols], dtype=np.int64)).to(dist.device)

@@ -1,0 +1,77 @@
+"""Checkpoints written by the reference implementation, with the scores it printed for them."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from checkpoint import load_checkpoint, load_model_state
+from models import ATTN_IMPLS
+
+FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fixtures"
+NAMES = ["F1-text8-span", "F2-enwik8-pers-span", "F4-text8-varied-spans"]
+
+
+def fixture(name):
+    folder = FIXTURES / name
+    if not folder.is_dir():
+        pytest.skip("shared fixtures not available")
+    expected = json.loads((folder / "expected.json").read_text())
+    data = (folder / expected.get("data", "data")).resolve()
+    return folder, expected, data
+
+
+def build(folder, expected, data, *extra):
+    parser = main.build_parser()
+    args = parser.parse_args(expected["flags"].split() + ["--data", str(data)] + list(extra))
+    model, _, _ = main.build_model(args, len(expected["vocab_idx2word"]), "cpu")
+    load_model_state(model, load_checkpoint(folder / "checkpoint.pt"), folder / "checkpoint.pt")
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_eval_reproduces_the_printed_scores(name, capsys):
+    folder, expected, data = fixture(name)
+    argv = expected["flags"].split() + ["--data", str(data), "--checkpoint", str(folder / "checkpoint.pt"),
+                                        "--full-eval-mode", "--batch-sz", "8", "--reference-eval"]
+    assert main.main(argv) == 0
+    out = capsys.readouterr().out
+    scores = dict(re.findall(r"^(val|test): (\d+\.\d{4})bpc", out, re.M))
+    printed = expected["reference_full_eval"]["batch_sz_8"]
+    assert float(scores["val"]) == pytest.approx(printed["val"], abs=0.001)
+    assert float(scores["test"]) == pytest.approx(printed["test"], abs=0.001)
+
+
+@pytest.mark.parametrize("impl", sorted(ATTN_IMPLS))
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_per_token_log_probabilities_match(name, impl):
+    folder, expected, data = fixture(name)
+    model = build(folder, expected, data, "--attn-impl", impl)
+    stream = expected["stream"]
+    ids = torch.tensor(stream["token_ids"])
+    block = int(re.search(r"--block-sz (\d+)", expected["flags"]).group(1))
+    cache, logprobs = model.init_cache(1), []
+    for pos in range(0, len(ids) - 1, block):
+        x, y = ids[pos:pos + block][None], ids[pos + 1:pos + block + 1][None]
+        nll, cache = model(x[:, :y.size(1)], cache, y)
+        logprobs.append(-nll[0])
+    ours = torch.cat(logprobs).double()
+    theirs = torch.tensor(stream["target_logprob"], dtype=torch.float64)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-5)
+    assert -ours.sum().item() == pytest.approx(stream["nll_sum_nats"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spans_and_state_dict_names(name):
+    folder, expected, data = fixture(name)
+    model = build(folder, expected, data)
+    spans = [torch.tensor(v) for v in expected["spans_current_val"]]
+    for layer, values in zip(model.layers, spans):
+        torch.testing.assert_close(layer.span.current_val.detach().view(-1), values)
+    ours = set(model.state_dict())
+    theirs = {e["key"].removeprefix("module.") for e in expected["state_dict"]}
+    # ours registers the span tensors once; the reference repeats them under persistent_memory
+    assert ours == {k for k in theirs if "persistent_memory.adaptive_span" not in k}
