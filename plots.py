@@ -1,0 +1,89 @@
+"""Figures of the learned spans and of the FLOPs per step (matplotlib, imported lazily).
+
+matplotlib is optional (requirements-viz.txt): importing this module never needs
+it; ``spans_image`` returns None without it, the other functions raise ImportError.
+Figures are drawn on an Agg canvas without pyplot, so no global state is touched.
+
+Spans: ``head_spans[l][k]`` is the span of head k of layer l (positions with a
+non-zero mask, ramp included), drawn as bars grouped by layer on a log scale,
+with the maximum span L marked.
+"""
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def spans_plot(head_spans: List[List[int]], max_span: int, title: str = ""):
+    """A matplotlib Figure of every head's span, layers along x, heads grouped."""
+    nlayers, nheads = len(head_spans), max(len(s) for s in head_spans)
+    width = min(24.0, max(6.0, 0.12 * nlayers * (nheads + 1) + 2.0))
+    fig = _figure(width, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = [f"C{k % 10}" for k in range(nheads)]
+    for layer, spans in enumerate(head_spans):
+        x = [layer * (nheads + 1) + k for k in range(len(spans))]
+        heights = [max(s, 1) for s in spans]
+        ax.bar(x, heights, width=0.9, color=colors[:len(spans)], bottom=0)
+    ax.axhline(max_span, color="black", linestyle="--", linewidth=1)
+    ax.text(0, max_span * 1.08, f"max span L = {max_span}", fontsize=8, va="bottom")
+    ax.set_yscale("log")
+    ax.set_ylim(1, max_span * 2)
+    centers = [layer * (nheads + 1) + (nheads - 1) / 2 for layer in range(nlayers)]
+    step = max(1, nlayers // 24)
+    ax.set_xticks(centers[::step])
+    ax.set_xticklabels([str(layer) for layer in range(nlayers)][::step])
+    ax.set_xlim(-1, nlayers * (nheads + 1) - 1)
+    ax.set_xlabel(f"layer ({nheads} heads each, left to right)")
+    ax.set_ylabel("span (tokens, log scale)")
+    flat = [s for spans in head_spans for s in spans]
+    ax.set_title(title or f"learned spans: mean {np.mean(flat):.0f}, max {max(flat)}")
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_array(fig) -> np.ndarray:
+    """RGB pixels (H, W, 3) uint8 of a figure."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3)
+
+
+def spans_figure(head_spans: List[List[int]], max_span: int) -> np.ndarray:
+    """The spans figure as an HWC uint8 image (for TensorBoard)."""
+    return figure_to_array(spans_plot(head_spans, max_span))
+
+
+def spans_image(head_spans: List[List[int]], max_span: int) -> Optional[np.ndarray]:
+    """``spans_figure``, or None when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    return spans_figure(head_spans, max_span)
+
+
+def flops_plot(steps: Sequence[int], series: Dict[str, Sequence[float]], title: str = ""):
+    """A matplotlib Figure of FLOPs per token against the training step (log scale)."""
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, values in series.items():
+        ax.plot(steps, values, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("forward FLOPs per token")
+    ax.set_title(title or "FLOPs per token as the spans are learned")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path) -> None:
+    fig.savefig(str(path), format="png")
