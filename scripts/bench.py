@@ -14,9 +14,11 @@ Reports, for both paths side by side in one run:
   with --device cuda --config enwik8: the enwik8 model (bf16 autocast) tokens/s,
   peak memory and MFU.
 
-Every case runs in a fresh subprocess, so that on CPU the peak memory is the
-growth of the process's maximum resident set size (ru_maxrss) over its size
-after the inputs are built; on CUDA it is torch.cuda.max_memory_allocated.
+Timings: medians, the two paths alternating in one process. Peak memory: one
+path per fresh process, over one step after a warm-up step; on CPU the growth of
+the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs)
+over the resident size before the step, on CUDA torch.cuda.max_memory_allocated
+over the allocated memory before the step.
 
     python scripts/bench.py --quick [--json FILE] [--threads 1] [--device cpu]
 """
@@ -24,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -101,8 +102,23 @@ def model_flops_per_token(cfg: ModelConfig, head_spans: list, impl: str, block_s
 
 
 # ---- measurement ---------------------------------------------------------------
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak resident set size (VmHWM) to the current one; return it in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _proc_status_kib("VmHWM") * 1024
 
 
 def _sync(device: str) -> None:
@@ -127,18 +143,18 @@ def time_interleaved(steps: dict, device: str, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_memory_mb(step, device: str, steps: int) -> float:
-    """Peak memory of ``steps`` steps (see the module docstring)."""
+def peak_memory_mb(step, device: str) -> float:
+    """Peak memory of one step after a warm-up step (see the module docstring)."""
+    step()  # one-time allocations (thread pools, optimizer state) are not counted
+    _sync(device)
     if device == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = max_rss_bytes()
-    for _ in range(steps):
-        step()
+        base = reset_peak_rss()
+    step()
     _sync(device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else max_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     return (peak - base) / 2**20
 
 
@@ -220,8 +236,7 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     try:
         if spec["mode"] == "mem":
-            steps = 1 if spec["kind"] == "layer" else 2  # a model's 2nd step holds optimizer state
-            return {"peak_mb": peak_memory_mb(make_step(spec, spec["impl"]), spec["device"], steps)}
+            return {"peak_mb": peak_memory_mb(make_step(spec, spec["impl"]), spec["device"])}
         steps = {impl: make_step(spec, impl) for impl in IMPLS}
         return time_interleaved(steps, spec["device"], spec["repeats"])
     except torch.cuda.OutOfMemoryError:
@@ -336,7 +351,7 @@ def main(argv=None):
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
     B, M, repeats = (1, 256, 3) if args.quick else (4, 512, 5)
-    mem = "cuda max_memory_allocated" if args.device == "cuda" else "max RSS growth"
+    mem = "cuda max_memory_allocated" if args.device == "cuda" else "peak RSS growth (VmHWM)"
     report = {"device": args.device, "threads": args.threads, "quick": args.quick,
               "torch": torch.__version__, "memory": mem}
     print(f"# device {args.device}, {args.threads} thread(s), torch {torch.__version__}, "
