@@ -12,6 +12,12 @@ softmax is multiplied by the span mask and renormalised (``sum + 1e-8``).
 ``reference_attention`` computes exactly what the published reference does
 (every head trimmed to the layer's longest span, rounded to 64, and a dense
 M x (M + L') content product unskewed into M x L').
+
+``grouped_attention`` computes the same function (up to float rounding and the
+1e-8 term) at a cost that follows each head's learned span: heads are grouped
+by their window W (the span rounded up to 64), and each group projects keys and
+values for its last W + M positions only, with its own rows of the projection
+weights, and scores them in query chunks against their own band of W keys.
 """
 import math
 from typing import List, Optional
