@@ -254,7 +254,7 @@ def _fingerprint(files: Sequence[Path], cfg: DataConfig) -> str:
 def _cache_dir(path: Path, key: str) -> Path:
     base = path if path.is_dir() else path.parent
     preferred = base / ".corpus_cache" / key[:16]
-    if os.access(base, os.W_OK):
+    if os.access(base, os.W_OK) and base.stat().st_mode & 0o222:  # root ignores missing write bits
         return preferred
     home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return home / "adaptive-span" / key[:16]

@@ -110,3 +110,45 @@ def test_dry_run_prints_the_parameter_count(capsys):
             "--attn-span 8192 --adapt-span --adapt-span-cache").split()
     assert main.main(argv) == 0
     assert "(38.54M)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def wikitext_folder(tmp_path_factory):
+    """WikiText-2 test text cut 80/10/10 into wiki.*.tokens, words seen once replaced by <unk>."""
+    source = SHARED / "wikitext-2" / "wiki.test.raw"
+    if not source.is_file():
+        pytest.skip("shared data not available")
+    lines = source.read_text(encoding="utf-8").split("\n")
+    a, b = int(len(lines) * 0.8), int(len(lines) * 0.9)
+    counts = {}
+    for line in lines[:a]:
+        for w in line.split():
+            counts[w] = counts.get(w, 0) + 1
+    folder = tmp_path_factory.mktemp("wikitext")
+    for name, part in (("train", lines[:a]), ("valid", lines[a:b]), ("test", lines[b:])):
+        text = "\n".join(" ".join(w if counts.get(w, 0) > 1 else "<unk>" for w in line.split(" "))
+                         for line in part)
+        (folder / f"wiki.{name}.tokens").write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
+def test_word_level_adaptive_io_learns_and_reports_perplexity(wikitext_folder, tmp_path):
+    ckpt = tmp_path / "wt.pt"
+    flags = ("--adapt-io --adapt-io-tied --adapt-io-cutoffs 2000 6000 --data-unit ppl --nlayers 2 "
+             "--hid-sz 64 --nheads 4 --attn-span 64 --block-sz 32 --batch-sz 8 --optim adam --lr 0.002 "
+             "--lr-warmup 10 --grad-clip 1 --dropout 0 --pers-mem-size 16 --adapt-span --adapt-span-cache "
+             "--nbatches 25 --niter 2").split()
+    out = run("--data", wikitext_folder, *flags, "--checkpoint", ckpt).stdout
+    val = [float(v) for v in re.findall(r"val: ([\d.]+)ppl", out)]
+    assert len(val) == 2 and val[1] < val[0]
+    saved = torch.load(ckpt, weights_only=True)
+    words = saved["vocab"]["idx2word"]
+    counts = {}
+    for line in (wikitext_folder / "wiki.train.tokens").read_text(encoding="utf-8").splitlines():
+        for w in line.split() + ["<eos>"]:
+            counts[w] = counts.get(w, 0) + 1
+    frequencies = [counts[w] for w in words]
+    assert frequencies == sorted(frequencies, reverse=True)  # --adapt-io: most frequent first
+    out = run("--checkpoint", ckpt, "--full-eval-mode", "--batch-sz", 4).stdout
+    found = re.findall(r"^(val|test): (\d+\.\d{4})ppl tokens: (\d+)", out, re.M)
+    assert [name for name, _, _ in found] == ["val", "test"]
