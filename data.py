@@ -55,7 +55,8 @@ class Vocab:
             return bytes(10 if w == EOS else int(w) for w in words).decode("utf-8", errors="replace")
         if self.style == "chars":
             return "".join("\n" if w == EOS else (" " if w == "_" else w) for w in words)
-        return " ".join("\n" if w == EOS else w for w in words).replace(" \n ", "\n")
+        lines = " ".join(words).split(EOS)
+        return "\n".join(line.strip() for line in lines)
 
     def encode(self, text: str) -> List[int]:
         index = {w: i for i, w in enumerate(self.idx2word)}
