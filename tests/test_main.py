@@ -152,3 +152,14 @@ def test_word_level_adaptive_io_learns_and_reports_perplexity(wikitext_folder, t
     out = run("--checkpoint", ckpt, "--full-eval-mode", "--batch-sz", 4).stdout
     found = re.findall(r"^(val|test): (\d+\.\d{4})ppl tokens: (\d+)", out, re.M)
     assert [name for name, _, _ in found] == ["val", "test"]
+
+
+def test_all_attention_model_learns_and_resumes(enwik8_file, tmp_path):
+    ckpt = tmp_path / "pers.pt"
+    flags = [*TINY, "--pers-mem-size", 32, "--inner-hid-sz", 1, "--checkpoint", ckpt, "--data", enwik8_file]
+    lines = LOG.findall(run(*flags, "--niter", 2).stdout)
+    assert len(lines) == 2 and float(lines[1][1]) < float(lines[0][1])
+    state = torch.load(ckpt, weights_only=True)["model"]
+    assert state["layers.0.attn.attn.persistent_memory.key"].shape == (2, 16, 32)  # (K, D, N)
+    assert not any(".ff." in k or "norm2" in k for k in state)  # the FF sublayer is gone
+    assert [int(s) for s, _, _ in LOG.findall(run(*flags, "--niter", 3).stdout)] == [60]
