@@ -11,6 +11,7 @@ previous file is kept as ``*.prev``.
 The reference's is ``{iter_no, model, logger, optimizer[, scheduler_iter]}`` with
 ``module.``-prefixed parameter names.
 """
+import os
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -37,13 +38,15 @@ def _try_load(path: Path) -> Tuple[Optional[dict], str]:
     return ckpt, ""
 
 
-def load_checkpoint(path: Path, log=print) -> Optional[dict]:
+def load_checkpoint(path: Path, log=print, set_aside: bool = False) -> Optional[dict]:
     """The latest checkpoint at ``path``, or its ``.prev`` when the latest is corrupt;
-    None when there is none."""
+    None when there is none. With ``set_aside`` (the writing rank) a corrupt latest file is
+    renamed ``*.corrupt``, so that the next save does not rotate it into ``.prev``."""
     path = Path(path)
     prev = previous_path(path)
     if not path.exists() and not prev.exists():
         return None
+    why = ""  # why the latest file cannot be read
     if path.exists():
         ckpt, why = _try_load(path)
         if ckpt is not None:
@@ -51,10 +54,15 @@ def load_checkpoint(path: Path, log=print) -> Optional[dict]:
         if not prev.exists():
             raise ConfigError(f"--checkpoint {path}: cannot be read ({why}) and there is no previous "
                               f"checkpoint {prev.name}; move the file away to start afresh")
-        log(f"warning: checkpoint {path} cannot be read ({why}); using the previous one, {prev}")
-    ckpt, why = _try_load(prev)
+    ckpt, why_prev = _try_load(prev)
     if ckpt is None:
-        raise ConfigError(f"--checkpoint {path}: neither it nor {prev.name} can be read ({why})")
+        raise ConfigError(f"--checkpoint {path}: neither it nor {prev.name} can be read ({why_prev})")
+    if why:
+        aside = path.with_name(path.name + ".corrupt")
+        if set_aside and path.exists():
+            os.replace(path, aside)
+        log(f"warning: checkpoint {path} cannot be read ({why}); using the previous one, {prev}"
+            + (f" (the unreadable file is now {aside.name})" if set_aside else ""))
     return ckpt
 
 
