@@ -17,12 +17,14 @@ Reports, for both paths side by side in one run:
 Timings: medians, the two paths alternating in one process. Peak memory: one
 path per fresh process, over one step after a warm-up step; on CPU the growth of
 the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs)
-over the resident size before the step, on CUDA torch.cuda.max_memory_allocated
+over the resident size before the step (glibc is told to return freed memory
+at once: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, malloc_trim), on CUDA torch.cuda.max_memory_allocated
 over the allocated memory before the step.
 
     python scripts/bench.py --quick [--json FILE] [--threads 1] [--device cpu]
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -112,6 +114,10 @@ def _proc_status_kib(field: str) -> int:
 
 def reset_peak_rss() -> int:
     """Reset the kernel's peak resident set size (VmHWM) to the current one; return it in bytes."""
+    try:  # hand freed heap memory back first, so that the baseline holds live memory only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _proc_status_kib("VmRSS") * 1024
@@ -252,7 +258,8 @@ def run_worker(spec: dict) -> dict:
 
 def spawn(spec: dict) -> dict:
     """Run one measurement in a fresh interpreter (clean peak memory)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")  # freed memory leaves RSS
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
