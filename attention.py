@@ -208,6 +208,29 @@ def _pick(heads):
     return heads if isinstance(heads, slice) else torch.tensor(heads)
 
 
+def _group_attention(q: torch.Tensor, h: torch.Tensor, w_key: torch.Tensor,
+                     w_val: torch.Tensor, pe: torch.Tensor, mask: Optional[torch.Tensor],
+                     pers: Optional[PersistentMemory], heads, dropout: float,
+                     training: bool) -> torch.Tensor:
+    """Attention of G heads over their window W: q (B, G, M, D), h (B, W+M, H), w_key and
+    w_val (G*D, H), pe (1, D, W), mask (G, 1, W) or None -> (B, G, M, D)."""
+    G, M, D = q.size(1), q.size(2), q.size(3)
+    window = pe.size(-1)
+    k = split_heads(F.linear(h, w_key), G)  # (B, G, W+M, D)
+    v = split_heads(F.linear(h, w_val), G)  # (B, G, W+M, D)
+    chunk = chunk_size(M, window)
+    logits = band_logits(q, k, chunk)  # (B, G, M, W)
+    logits = logits + torch.matmul(q, pe.unsqueeze(0))  # (B, G, M, W)
+    pers_logits = pers.logits(q, _pick(heads)) if pers is not None else None  # (B, G, M, N)
+    if logits.dtype in (torch.float16, torch.bfloat16) and (
+            pers is None or torch.is_autocast_enabled(logits.device.type)):
+        logits = logits.float()  # (B, G, M, W): softmax and mask in float32
+        pers_logits = pers_logits.float() if pers_logits is not None else None  # (B, G, M, N)
+    probs, pers_out = attend(logits, mask, pers, pers_logits, D, dropout, training, _pick(heads))
+    out = band_read(probs.to(v.dtype), v, chunk)  # (B, G, M, D)
+    return out + pers_out if pers_out is not None else out  # (B, G, M, D)
+
+
 def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
                       w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                       span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
@@ -229,30 +252,22 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
     wk = w_key.view(K, D, H)  # (K, D, H)
     wv = w_val.view(K, D, H)  # (K, D, H)
     mask_all = span.mask(L) if span is not None else None  # (K, 1, L)
-    outs = []
-    for window, heads in groups:
+    # widest group first; each narrower window is cut from the previous one, so that the
+    # backward pass fills full-length (L+M) gradient buffers once, not once per group
+    h = fit_memory(h_all, M, groups[-1][0])  # (B, W+M, H)
+    pe, outs = key_pe[:, :, L - groups[-1][0]:], []  # (1, D, W)
+    for window, heads in reversed(groups):
+        h = h[:, h.size(1) - M - window:]  # (B, W+M, H)
+        pe = pe[:, :, pe.size(-1) - window:]  # (1, D, W)
         G = wk[heads].size(0) if isinstance(heads, slice) else len(heads)
-        h = fit_memory(h_all, M, window)  # (B, W+M, H)
-        k = split_heads(F.linear(h, _select(wk, heads, 0).reshape(G * D, H)), G)  # (B, G, W+M, D)
-        v = split_heads(F.linear(h, _select(wv, heads, 0).reshape(G * D, H)), G)  # (B, G, W+M, D)
-        q = _select(q_all, heads, 1)  # (B, G, M, D)
-        chunk = chunk_size(M, window)
-        logits = band_logits(q, k, chunk)  # (B, G, M, W)
-        logits = logits + torch.matmul(q, key_pe[:, :, L - window:].unsqueeze(0))  # (B, G, M, W)
         mask = None
         if mask_all is not None:
             mask = _select(mask_all, heads, 0)[:, :, L - window:]  # (G, 1, W)
-        pers_logits = pers.logits(q, _pick(heads)) if pers is not None else None  # (B, G, M, N)
-        if logits.dtype in (torch.float16, torch.bfloat16) and (
-                pers is None or torch.is_autocast_enabled(logits.device.type)):
-            logits = logits.float()  # (B, G, M, W): softmax and mask in float32
-            pers_logits = pers_logits.float() if pers_logits is not None else None  # (B, G, M, N)
-        probs, pers_out = attend(logits, mask, pers, pers_logits, D, dropout, training, _pick(heads))
-        out = band_read(probs.to(v.dtype), v, chunk)  # (B, G, M, D)
-        if pers_out is not None:
-            out = out + pers_out  # (B, G, M, D)
-        outs.append(out)
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, K, M, D) in group order
+        outs.append(_group_attention(_select(q_all, heads, 1), h,
+                                     _select(wk, heads, 0).reshape(G * D, H),
+                                     _select(wv, heads, 0).reshape(G * D, H), pe, mask, pers,
+                                     heads, dropout, training))  # (B, G, M, D)
+    out = torch.cat(outs[::-1], dim=1) if len(outs) > 1 else outs[0]  # (B, K, M, D) in group order
     if order != list(range(K)):
         inverse = sorted(range(K), key=order.__getitem__)
         out = out.index_select(1, torch.tensor(inverse, device=out.device))  # (B, K, M, D)
