@@ -258,8 +258,9 @@ def run_worker(spec: dict) -> dict:
 
 def spawn(spec: dict) -> dict:
     """Run one measurement in a fresh interpreter (clean peak memory)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")  # freed memory leaves RSS
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    if spec["mode"] == "mem":  # freed memory leaves the RSS at once (timings keep the defaults)
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
