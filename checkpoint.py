@@ -106,7 +106,8 @@ def build_checkpoint(trainer: Trainer, ranks: List[dict], config: dict, vocab: d
             "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "logger": logger, "iter_loss": [trainer.iter_loss, trainer.iter_count],
             "nonfinite": [trainer.nonfinite_in_row, trainer.nonfinite_total],
-            "world_size": len(ranks), "ranks": ranks}
+            "world_size": len(ranks), "ranks": ranks,
+            "scaler": trainer.scaler.state_dict() if trainer.scaler else {}}
 
 
 def cache_megabytes(ranks: List[dict]) -> float:
@@ -134,6 +135,8 @@ def restore_trainer(trainer: Trainer, ckpt: dict, log=print) -> None:
     if is_reference(ckpt):
         return  # the reference saves no stream positions, caches or random states
     trainer.iter_loss, trainer.iter_count = ckpt["iter_loss"]
+    if trainer.scaler and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])
     trainer.nonfinite_in_row, trainer.nonfinite_total = ckpt["nonfinite"]
     ranks, dist = ckpt["ranks"], trainer.dist
     if len(ranks) == dist.world_size:

@@ -174,6 +174,8 @@ class Trainer:
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
+            # a forward that overflowed must not poison the next blocks through the cache
+            self.train_cache = [c if torch.isfinite(c).all() else torch.zeros_like(c) for c in self.train_cache]
         return {"loss": loss, "grad_norm": norm, "applied": applied and math.isfinite(loss)}
 
     # ---- evaluation --------------------------------------------------------
