@@ -224,6 +224,7 @@ def sort_by_frequency(idx2word: List[str], ids: Dict[str, np.ndarray]):
     order = np.argsort(counts, kind="stable")[::-1]  # new id -> old id
     remap = np.empty_like(order)
     remap[order] = np.arange(order.size)  # old id -> new id
+    remap = remap.astype(np.int32)
     return [idx2word[i] for i in order], {name: remap[a] for name, a in ids.items()}
 
 
