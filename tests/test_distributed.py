@@ -23,7 +23,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT / ".." / "shared" / "data" / "shakespeare" / "input.txt"
 NB, NITER = 5, 6
 MODEL = ["--nlayers", "2", "--hid-sz", "32", "--inner-hid-sz", "64", "--nheads", "2",
          "--attn-span", "64", "--block-sz", "16", "--batch-sz", "8", "--dropout", "0",
@@ -34,16 +33,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 TOL = 1e-5
 
 sys.path.insert(0, str(ROOT))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"shared data absent: {SHAKESPEARE}")
-    path = tmp_path_factory.mktemp("data") / "input.txt"
-    with open(SHAKESPEARE, "rb") as f:
-        path.write_bytes(f.read(200_000))
-    return path
 
 
 def run(cmd, timeout=180) -> subprocess.CompletedProcess:

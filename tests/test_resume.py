@@ -21,7 +21,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT / ".." / "shared" / "data" / "shakespeare" / "input.txt"
 NB, NITER, WARMUP = 8, 5, 100
 MODEL = ["--nlayers", "2", "--hid-sz", "32", "--inner-hid-sz", "64", "--nheads", "2",
          "--attn-span", "64", "--block-sz", "16", "--batch-sz", "8", "--dropout", "0.1",
@@ -29,16 +28,6 @@ MODEL = ["--nlayers", "2", "--hid-sz", "32", "--inner-hid-sz", "64", "--nheads",
          "--lr-warmup", str(WARMUP), "--nbatches", str(NB), "--seed", "7"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEPS_LINE = re.compile(r"^steps: (\d+) train: (\S+?)bpc val: (\S+?)bpc ms/batch")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"shared data absent: {SHAKESPEARE}")
-    path = tmp_path_factory.mktemp("data") / "input.txt"
-    with open(SHAKESPEARE, "rb") as f:
-        path.write_bytes(f.read(200_000))
-    return path
 
 
 def command(data: Path, ckpt: Path, *extra) -> list:
