@@ -3,7 +3,8 @@
 Ours is a ``torch.save`` dict that loads with ``weights_only=True``:
 ``format``, ``config`` (model / train / data), ``vocab``, ``iter_no`` (completed
 iterations), ``step``, ``model``, ``optimizer``, ``scheduler_iter``, ``logger``
-(the logged history), ``iter_loss`` (the running sum of the current iteration),
+(the logged history), ``iter_loss`` and ``iter_step`` (the running sum and the steps of
+the current iteration),
 ``nonfinite`` and ``ranks``: per rank, every random state, the train and
 validation stream positions and caches. It is written atomically and the
 previous file is kept as ``*.prev``.
@@ -105,6 +106,7 @@ def build_checkpoint(trainer: Trainer, ranks: List[dict], config: dict, vocab: d
             "step": trainer.step, "scheduler_iter": trainer.step,
             "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "logger": logger, "iter_loss": [trainer.iter_loss, trainer.iter_count],
+            "iter_step": trainer.iter_step,
             "nonfinite": [trainer.nonfinite_in_row, trainer.nonfinite_total],
             "world_size": len(ranks), "ranks": ranks,
             "scaler": trainer.scaler.state_dict() if trainer.scaler else {}}
@@ -135,6 +137,7 @@ def restore_trainer(trainer: Trainer, ckpt: dict, log=print) -> None:
     if is_reference(ckpt):
         return  # the reference saves no stream positions, caches or random states
     trainer.iter_loss, trainer.iter_count = ckpt["iter_loss"]
+    trainer.iter_step = int(ckpt["iter_step"])
     if trainer.scaler and ckpt.get("scaler"):
         trainer.scaler.load_state_dict(ckpt["scaler"])
     trainer.nonfinite_in_row, trainer.nonfinite_total = ckpt["nonfinite"]

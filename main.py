@@ -11,7 +11,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -214,10 +214,7 @@ class StopFlag:
 
 
 def save(args, trainer, corpus, model_cfg, history, iter_no, dist, log) -> None:
-    # a partial iteration's running loss: every rank resumes with the mean over the ranks
-    totals = all_reduce_sum(torch.tensor([trainer.iter_loss, trainer.iter_count], dtype=torch.float64,
-                                         device=dist.device), dist) / dist.world_size
-    trainer.iter_loss, trainer.iter_count = totals[0].item(), round(totals[1].item())
+    trainer.sync_iteration()  # a partial iteration's running loss: every rank resumes with the mean
     ranks = ckpt_io.gather_rank_states(trainer, lambda obj: all_gather_objects(obj, dist))
     if not (dist.is_main and args.checkpoint):
         return
@@ -229,10 +226,9 @@ def save(args, trainer, corpus, model_cfg, history, iter_no, dist, log) -> None:
     return ckpt_io.cache_megabytes(ranks)
 
 
-def log_iteration(args, trainer, model, history, val_nll, ms, metrics, log,
+def log_iteration(args, trainer, model, history, train_nll, val_nll, ms, metrics, log,
                   grad_norm: float = math.nan) -> None:
     unit, steps = args.data_unit, trainer.step
-    train_nll = trainer.iter_loss / trainer.iter_count if trainer.iter_count else math.nan
     line = (f"steps: {steps} train: {to_unit(train_nll, unit):.3f}{unit} "
             f"val: {to_unit(val_nll, unit):.3f}{unit} ms/batch: {ms:.1f}")
     stats = model.span_stats()
@@ -255,9 +251,8 @@ def log_iteration(args, trainer, model, history, val_nll, ms, metrics, log,
                             **{f"span/{k}": v for k, v in stats.items()},
                             "train/grad_norm": grad_norm, **cost.metrics(),
                             **{f"span_{kind}/layer_{l:02d}": value
-                               for l, layer in enumerate(model.layers) if layer.span is not None
-                               for kind, value in (("avg", layer.span.avg_span()),
-                                                   ("max", layer.span.max_span()))}})
+                               for l, layer in enumerate(model.layer_span_stats())
+                               for kind, value in layer.items()}})
     metrics.histogram(steps, "span/heads", [s for layer in model.head_spans() for s in layer])
     if stats and metrics.writer is not None and len(history["step"]) % 10 == 1:  # first, then every 10th
         image = plots.spans_image(model.head_spans(), model.cfg.attn_span)  # None without matplotlib
@@ -273,9 +268,9 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
     stop = StopFlag()
     while done < trainer.cfg.niter:
         start, steps_run, norms = time.time(), 0, []
-        bar = tqdm(total=nb, initial=trainer.step - done * nb, desc=f"iter {done}", leave=False,
+        bar = tqdm(total=nb, initial=trainer.iter_step, desc=f"iter {done}", leave=False,
                    disable=None if dist.is_main else True, mininterval=1)
-        while trainer.step < (done + 1) * nb:
+        while trainer.iter_step < nb:
             result = trainer.train_step()
             steps_run += 1
             if math.isfinite(result["grad_norm"]):
@@ -293,13 +288,10 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
                 return 0
         bar.close()
         ms = (time.time() - start) * 1000 / max(steps_run, 1)
-        totals = all_reduce_sum(torch.tensor([trainer.iter_loss, trainer.iter_count], dtype=torch.float64,
-                                             device=dist.device), dist)
-        trainer.iter_loss, trainer.iter_count = totals[0].item() / dist.world_size, int(totals[1].item()) // dist.world_size
+        train_nll = trainer.end_iteration()
         val_nll = trainer.validate(max(1, nb // 10))
-        log_iteration(args, trainer, model, history, val_nll, ms, metrics, log,
+        log_iteration(args, trainer, model, history, train_nll, val_nll, ms, metrics, log,
                       grad_norm=sum(norms) / len(norms) if norms else math.nan)
-        trainer.iter_loss, trainer.iter_count = 0.0, 0
         done += 1
         mb = save(args, trainer, corpus, model_cfg, history, done - 1, dist, log)
         if done == 1 and mb is not None:

@@ -228,6 +228,10 @@ class TransformerSeq(nn.Module):
         return {"span_avg": sum(s.avg_span() for s in spans) / len(spans),
                 "span_max": float(max(s.max_span() for s in spans))}
 
+    def layer_span_stats(self) -> List[dict]:
+        """Per layer with adaptive span: its ``avg`` and ``max`` span, ramp included."""
+        return [{"avg": s.avg_span(), "max": float(s.max_span())} for s in self._spans()]
+
     def span_values(self) -> List[List[float]]:
         """Raw ``current_val`` per layer and head (span / L)."""
         return [span.current_val.detach().view(-1).tolist() for span in self._spans()]

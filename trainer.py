@@ -103,6 +103,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.iter_loss = 0.0  # sum of the step losses of the current iteration
         self.iter_count = 0  # steps of the current iteration that were applied
+        self.iter_step = 0  # steps of the current iteration attempted (skipped ones included)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
     # ---- one step ----------------------------------------------------------
@@ -167,6 +168,7 @@ class Trainer:
         if self.train_stream.advance():
             self.train_cache = [torch.zeros_like(c) for c in self.train_cache]
         loss = loss.item()
+        self.iter_step += 1
         if applied and math.isfinite(loss):
             self.nonfinite_in_row = 0
             self.iter_loss += loss
@@ -177,6 +179,19 @@ class Trainer:
             # a forward that overflowed must not poison the next blocks through the cache
             self.train_cache = [c if torch.isfinite(c).all() else torch.zeros_like(c) for c in self.train_cache]
         return {"loss": loss, "grad_norm": norm, "applied": applied and math.isfinite(loss)}
+
+    def sync_iteration(self) -> None:
+        """Average the running loss of the iteration over the ranks (idempotent)."""
+        totals = torch.tensor([self.iter_loss, self.iter_count], dtype=torch.float64, device=self.dist.device)
+        totals = all_reduce_sum(totals, self.dist) / self.dist.world_size
+        self.iter_loss, self.iter_count = totals[0].item(), round(totals[1].item())
+
+    def end_iteration(self) -> float:
+        """Mean training NLL of the iteration's applied steps (nan if none); resets the counters."""
+        self.sync_iteration()
+        nll = self.iter_loss / self.iter_count if self.iter_count else math.nan
+        self.iter_loss, self.iter_count, self.iter_step = 0.0, 0, 0
+        return nll
 
     # ---- evaluation --------------------------------------------------------
     @torch.no_grad()

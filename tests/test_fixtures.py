@@ -75,3 +75,22 @@ def test_spans_and_state_dict_names(name):
     theirs = {e["key"].removeprefix("module.") for e in expected["state_dict"]}
     # ours registers the span tensors once; the reference repeats them under persistent_memory
     assert ours == {k for k in theirs if "persistent_memory.adaptive_span" not in k}
+
+
+def test_reference_checkpoint_resumes_training(tmp_path):
+    folder, expected, data = fixture("F1-text8-span")
+    ckpt = tmp_path / "ref.pt"
+    ckpt.write_bytes((folder / "checkpoint.pt").read_bytes())
+    flags = expected["flags"].split()
+    flags[flags.index("--niter") + 1] = "16"  # the reference stopped after iteration 14 of 15
+    flags[flags.index("--nbatches") + 1] = "5"
+    argv = flags + ["--data", str(data), "--checkpoint", str(ckpt), "--lr", "0.007"]
+    assert main.main(argv) == 0
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["iter_no"] == 15 and saved["step"] == 1505  # the warm-up count continues
+    assert saved["logger"]["step"][:15] == expected_steps(expected) and saved["logger"]["step"][-1] == 1505
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.007)
+
+
+def expected_steps(expected):
+    return [100 * (i + 1) for i in range(expected["iter_no"] + 1)]

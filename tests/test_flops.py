@@ -102,19 +102,22 @@ def test_windows_are_those_the_grouped_path_scores(monkeypatch):
     model = TransformerSeq(ModelConfig(vocab_size=12, hidden_size=16, nheads=4, nlayers=2, attn_span=256,
                                        dropout=0.0, adapt_span=True, adapt_span_cache=True))
     set_spans(model, [[0.0, 0.25, 31 / 256, 0.5], [0.1, 0.1, 0.9, 0.0]])
-    seen = []
+    seen = [[] for _ in model.layers]
     original = attention.band_logits
 
     def spy(q, k, chunk):
-        seen.extend([k.size(2) - q.size(2)] * q.size(1))  # W, repeated for the G heads
+        calls.append((k.size(2) - q.size(2), q.size(1)))  # W and the G heads of the group
         return original(q, k, chunk)
 
     monkeypatch.setattr(attention, "band_logits", spy)
-    with torch.no_grad():
-        model(torch.randint(12, (1, 64)), model.init_cache(1))
     windows = flops.layer_windows(model, "grouped")
-    assert seen == [w for layer in windows for w in sorted(layer)]
-    assert len(set(seen)) > 2  # the spans above give varied windows
+    for l, layer in enumerate(model.layers):  # one layer at a time, so the calls are attributed
+        calls = []
+        with torch.no_grad():
+            layer.attn(torch.randn(1, 64, 16), torch.zeros(1, model.layer_cache_size(layer), 16), model.key_pe)
+        seen[l] = sorted(w for w, g in calls for _ in range(g))
+        assert seen[l] == sorted(windows[l])  # the group order is the path's business
+    assert len({w for layer in seen for w in layer}) > 2  # the spans above give varied windows
 
 
 def test_windows_are_those_the_reference_path_keeps(monkeypatch):
