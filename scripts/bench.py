@@ -133,10 +133,8 @@ def _sync(device: str) -> None:
 
 
 def time_interleaved(steps: dict, device: str, repeats: int) -> dict:
-    """Median seconds per step of each path, the paths alternating within every
-    repeat (so both see the same machine load)."""
-    for step in steps.values():
-        step()  # warm-up
+    """Median seconds per step of each (warmed-up) path, the paths alternating
+    within every repeat (so both see the same machine load)."""
     times = {name: [] for name in steps}
     names = list(steps)
     for r in range(repeats):
@@ -247,7 +245,7 @@ def run_worker(spec: dict) -> dict:
         for impl in IMPLS:  # a path that runs out of memory is left out (its time is nan)
             try:
                 steps[impl] = make_step(spec, impl)
-                steps[impl]()
+                steps[impl]()  # warm-up
             except torch.cuda.OutOfMemoryError:
                 steps.pop(impl, None)
                 torch.cuda.empty_cache()
