@@ -19,7 +19,7 @@
 #                   (for scripts/slurm.sh) and exit
 #   anything else   passed to main.py, after the published flags (so it wins), in every phase
 # Environment: DATA_DIR (default data/$DATASET), CHECKPOINT (default checkpoints/$NAME.pt),
-# PYTHON (default python). Commands run from the repository root; relative paths in extra
+# PYTHON (default python3). Commands run from the repository root; relative paths in extra
 # flags are relative to it.
 
 set -euo pipefail
@@ -53,7 +53,7 @@ launch_usage() {
 }
 
 launch() {
-    local gpus="" mode=train extra=() python_bin="${PYTHON:-python}"
+    local gpus="" mode=train extra=() python_bin="${PYTHON:-$(command -v python3 || echo python)}"
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --gpus) gpus="${2:?--gpus needs a number}"; shift 2 ;;
