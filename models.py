@@ -232,10 +232,6 @@ class TransformerSeq(nn.Module):
         """Per layer with adaptive span: its ``avg`` and ``max`` span, ramp included."""
         return [{"avg": s.avg_span(), "max": float(s.max_span())} for s in self._spans()]
 
-    def span_values(self) -> List[List[float]]:
-        """Raw ``current_val`` per layer and head (span / L)."""
-        return [span.current_val.detach().view(-1).tolist() for span in self._spans()]
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

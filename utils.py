@@ -73,14 +73,6 @@ def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
     return out
 
 
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     if not info.enabled:
         return model

@@ -159,3 +159,17 @@ def test_vocab_round_trips_text():
     assert words.decode(words.encode("the cat\ncat")) == "the cat\ncat"
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         words.encode("the dog")
+
+
+def test_read_only_data_folder_is_never_written(tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    write_splits(folder, {"train": "1 2 3\n" * 20, "valid": "1 2\n", "test": "3 1\n"})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder.chmod(0o555)  # root may still write: the permission bits decide
+    try:
+        corpus = load_corpus(DataConfig(str(folder)))
+    finally:
+        folder.chmod(0o755)
+    assert not (folder / ".corpus_cache").exists()
+    assert list((tmp_path / "cache" / "adaptive-span").glob("*/train.npy"))
+    assert len(corpus.vocab) == 4
