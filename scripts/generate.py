@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -173,11 +174,16 @@ def run(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(decoder.feed(ids))
         sys.stdout.flush()
     start, first, count = time.perf_counter(), None, 0
+    # a progress bar on stderr only when the text goes elsewhere (a file, a pipe): on one
+    # terminal the bar would garble the streamed text
+    bar = tqdm(total=args.length, unit="tok", disable=True if sys.stdout.isatty() else None)
     for token in generate(model, ids, args.length, block, args.temperature, args.top_k, args.seed):
         sys.stdout.write(decoder.feed([token]))
         sys.stdout.flush()
         count += 1
+        bar.update(1)
         first = first or time.perf_counter()
+    bar.close()
     end = time.perf_counter()
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
