@@ -77,6 +77,13 @@ class AdaptiveSpan(nn.Module):
         spans = (torch.ceil(z) + self.ramp).clamp(0, self.attn_span)  # (K,)
         return [int(s) for s in spans.tolist()]
 
+    def reach(self) -> list:
+        """Per head: positions whose mask *or its gradient* is non-zero (the clamp passes
+        gradient at exactly 0), i.e. where the unclamped mask is >= 0. One host sync."""
+        m = self._mask
+        raw = (m.mask_template + m.current_val.detach() * m.max_size) / m.ramp_size + 1  # (K, 1, L)
+        return (raw >= 0).sum(-1).view(-1).tolist()  # K ints
+
     def max_span(self) -> int:
         z = self.current_val.detach().max().item() * self.attn_span
         return int(min(max(math.ceil(z) + self.ramp, 0), self.attn_span))

@@ -137,10 +137,7 @@ def head_windows(span: Optional[AdaptiveSpan], nheads: int, max_span: int,
     keep = kept_length(span, max_span) if keep is None else keep
     if span is None:
         return [keep] * nheads
-    m = span._mask  # the unclamped mask, computed with the same float ops as AdaptiveMask.values
-    raw = (m.mask_template + m.current_val.detach() * m.max_size) / m.ramp_size + 1  # (K, 1, L)
-    reach = (raw >= 0).sum(-1).view(-1).tolist()  # K ints
-    return [min(keep, max(BUCKET, -(-r // BUCKET) * BUCKET)) for r in reach]
+    return [min(keep, max(BUCKET, -(-r // BUCKET) * BUCKET)) for r in span.reach()]
 
 
 def group_heads(windows: List[int]):
