@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data import Stream, batchify, eval_rows
-from utils import DistInfo, all_reduce_sum
+from utils import ConfigError, DistInfo, all_reduce_sum
 
 LN2 = math.log(2)
 
@@ -222,7 +222,7 @@ def evaluate(ddp_model, model, ids: np.ndarray, batch_size: int, block: int, dis
     the reference protocol: full blocks only, each row's tail skipped, mean of block means.
     """
     if batch_size % dist.world_size:
-        raise ValueError("the evaluation batch must be divisible by the number of ranks")
+        raise ConfigError(f"--batch-sz {batch_size} must be divisible by the {dist.world_size} ranks for evaluation")
     ddp_model.eval()
     local = batch_size // dist.world_size
     rows = slice(dist.rank * local, (dist.rank + 1) * local)
