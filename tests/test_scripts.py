@@ -357,7 +357,7 @@ def test_slurm_script_builds_the_rendezvous(tmp_path):
         (bin_dir / tool).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / tool).chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_GPUS_ON_NODE": "8"}
+           "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_GPUS_ON_NODE": "8", "LAUNCHER": "torchrun"}
     res = run(["bash", str(SCRIPTS / "slurm.sh"), "--nlayers", "12", "--data", "data/enwik8"], env=env)
     assert res.returncode == 0, res.stderr
     assert log.read_text().split() == [
@@ -366,6 +366,25 @@ def test_slurm_script_builds_the_rendezvous(tmp_path):
         "--distributed"]
     outside = run(["bash", str(SCRIPTS / "slurm.sh")], env={"SLURM_JOB_ID": ""})
     assert outside.returncode != 0 and "sbatch" in outside.stderr
+
+
+def test_slurm_script_runs_one_task_per_gpu_with_torchrun_variables(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    tools = {"srun": 'echo "srun $1" > ' + str(log) + '.srun; while [[ $1 == --* ]]; do shift; done; '
+                     'SLURM_PROCID=11 SLURM_NTASKS=16 SLURM_LOCALID=3 "$@"',
+             "scontrol": "echo node07; echo node08",
+             "fakepython": f'echo "$RANK $WORLD_SIZE $LOCAL_RANK $MASTER_ADDR:$MASTER_PORT $*" > {log}'}
+    for tool, body in tools.items():
+        (bin_dir / tool).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_GPUS_ON_NODE": "8", "PYTHON": "fakepython"}
+    res = run(["bash", str(SCRIPTS / "slurm.sh"), "--nlayers", "12"], env=env)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().split() == ["11", "16", "3", "node07:29500", "main.py", "--nlayers", "12",
+                                       "--distributed"]
+    assert (tmp_path / "log.srun").read_text().split() == ["srun", "--ntasks-per-node=8"]
 
 
 def main_py_missing():
