@@ -222,11 +222,11 @@ class TransformerSeq(nn.Module):
 
     def span_stats(self) -> dict:
         """``span_avg`` (mean over layers) and ``span_max`` (max over layers), ramp included."""
-        spans = self._spans()
-        if not spans:
+        layers = self.layer_span_stats()
+        if not layers:
             return {}
-        return {"span_avg": sum(s.avg_span() for s in spans) / len(spans),
-                "span_max": float(max(s.max_span() for s in spans))}
+        return {"span_avg": sum(s["avg"] for s in layers) / len(layers),
+                "span_max": max(s["max"] for s in layers)}
 
     def layer_span_stats(self) -> List[dict]:
         """Per layer with adaptive span: its ``avg`` and ``max`` span, ramp included."""

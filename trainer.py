@@ -5,10 +5,9 @@ backward per batch split (loss / S, span loss included); set the warm-up learnin
 rate of update t (counted from 1); clip; optimizer step; clamp the spans.
 """
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -229,12 +228,9 @@ def evaluate(ddp_model, model, ids: np.ndarray, batch_size: int, block: int, dis
     if reference:
         data = batchify(ids, batch_size)[rows]  # (B', n)
         inputs, targets, mask = data[:, :-1], data[:, 1:], np.ones_like(data[:, 1:], dtype=bool)
-        nblocks = 0
-        while True:
-            nblocks += 1
-            if nblocks * block >= data.shape[1] - block:
-                break
-        nblocks = min(nblocks, math.ceil(data.shape[1] / block))
+        # the reference stops after the first block k with k * block >= ncols - block
+        ncols = data.shape[1]
+        nblocks = min(max(1, math.ceil((ncols - block) / block)), math.ceil(ncols / block))
     else:
         inputs, targets, mask = (a[rows] for a in eval_rows(ids, batch_size))  # (B', n) each
         nblocks = math.ceil(inputs.shape[1] / block)

@@ -138,8 +138,7 @@ def load(args, explicit: set) -> Tuple[TransformerSeq, Vocab, int]:
         entry.merge_saved_config(args, explicit, ckpt["config"])
         vocab = Vocab(**ckpt["vocab"])
     entry.check_flags(args)
-    model_cfg, _ = entry.configs_from_args(args, len(vocab))
-    model = TransformerSeq(model_cfg)
+    model, _, _ = entry.build_model(args, len(vocab), "cpu")
     ckpt_io.load_model_state(model, ckpt, args.checkpoint)
     return model.eval(), vocab, args.block_sz
 

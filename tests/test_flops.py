@@ -2,7 +2,6 @@
 against the windows the attention paths really use, and in main.py's log."""
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 

@@ -347,15 +347,20 @@ def test_launch_sequence(tmp_path):
     assert [c.split()[0] for c in log.read_text().splitlines()] == ["fakepython"] * 2
 
 
+def fake_tools(bin_dir, tools: dict) -> None:
+    """Executable bash stand-ins: name -> script body."""
+    for tool, body in tools.items():
+        (bin_dir / tool).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+
+
 def test_slurm_script_builds_the_rendezvous(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     tools = {"srun": 'while [[ $1 == --* ]]; do shift; done; SLURM_NODEID=1 "$@"',
              "scontrol": "echo node07; echo node08",
              "torchrun": f'echo "$*" > {log}'}
-    for tool, body in tools.items():
-        (bin_dir / tool).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (bin_dir / tool).chmod(0o755)
+    fake_tools(bin_dir, tools)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_GPUS_ON_NODE": "8", "LAUNCHER": "torchrun"}
     res = run(["bash", str(SCRIPTS / "slurm.sh"), "--nlayers", "12", "--data", "data/enwik8"], env=env)
@@ -375,9 +380,7 @@ def test_slurm_script_runs_one_task_per_gpu_with_torchrun_variables(tmp_path):
                      'SLURM_PROCID=11 SLURM_NTASKS=16 SLURM_LOCALID=3 "$@"',
              "scontrol": "echo node07; echo node08",
              "fakepython": f'echo "$RANK $WORLD_SIZE $LOCAL_RANK $MASTER_ADDR:$MASTER_PORT $*" > {log}'}
-    for tool, body in tools.items():
-        (bin_dir / tool).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (bin_dir / tool).chmod(0o755)
+    fake_tools(bin_dir, tools)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_GPUS_ON_NODE": "8", "PYTHON": "fakepython"}
     res = run(["bash", str(SCRIPTS / "slurm.sh"), "--nlayers", "12"], env=env)
