@@ -8,12 +8,10 @@ Formats read by ``load_corpus``:
 - a WikiText folder ``DIR/wiki.{train,valid,test}.tokens``: the same rules;
 - any other file: raw bytes (vocabulary of 256), split 90/5/5 by default.
 
-The tokenised splits are cached as ``.npy`` arrays (they load with numpy, memory
-mapped) plus a ``meta.json``, keyed by the source files' sizes and mtimes.
+The tokenised splits are cached in a cache folder keyed by the data's path and content
+(corpus_cache.py); ``Corpus.fingerprint`` is the data's size and sha256.
 """
-import hashlib
-import json
-import os
+import math
 import random
 from array import array
 from dataclasses import dataclass
@@ -24,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import corpus_cache
 from utils import ConfigError
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
-CACHE_VERSION = 2
 CHUNK_BYTES = 1 << 25  # tokenise in pieces of 32 MB
 
 
@@ -37,6 +35,7 @@ class DataConfig:
     path: str
     sort_by_freq: bool = False
     split: Tuple[float, float, float] = (0.9, 0.05, 0.05)  # for raw text files
+    cache_dir: Optional[str] = None  # default: corpus_cache.cache_root()
 
 
 @dataclass
@@ -80,6 +79,7 @@ class Corpus:
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
+    fingerprint: Optional[dict] = None  # corpus_cache.fingerprint of the source files
 
     def split(self, name: str) -> np.ndarray:
         return getattr(self, name)
@@ -245,44 +245,24 @@ def _sources(path: Path) -> Optional[Dict[str, Path]]:
     return None
 
 
-def _fingerprint(files: Sequence[Path], cfg: DataConfig) -> str:
-    parts = [CACHE_VERSION, cfg.sort_by_freq, list(cfg.split)]
-    for f in files:
-        st = f.stat()
-        parts.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
+def source_files(path: Path) -> List[Path]:
+    """The files the corpus at ``path`` is read from (``path`` checked by check_data_path)."""
+    return list(_sources(path).values()) if path.is_dir() else [path]
 
 
-def _cache_dir(path: Path, key: str) -> Path:
-    base = path if path.is_dir() else path.parent
-    preferred = base / ".corpus_cache" / key[:16]
-    if os.access(base, os.W_OK) and base.stat().st_mode & 0o222:  # root ignores missing write bits
-        return preferred
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return home / "adaptive-span" / key[:16]
+def check_split(split: Sequence[float]) -> None:
+    """Three positive fractions that sum to 1: train, valid, test of a plain text file."""
+    if len(split) != 3 or min(split) <= 0 or not math.isclose(sum(split), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"--data-split {' '.join(f'{x:g}' for x in split)}: give three positive "
+                          "fractions (train, valid, test) that sum to 1, e.g. --data-split 0.9 0.05 0.05")
 
 
-def _load_cached(folder: Path) -> Optional[Corpus]:
-    meta_file = folder / "meta.json"
-    if not meta_file.is_file():
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in SPLITS}
-    except (OSError, ValueError):
-        return None
-    return Corpus(Vocab(meta["vocab"], meta["style"]), **arrays)
-
-
-def _save_cached(folder: Path, corpus: Corpus) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in SPLITS:
-        tmp = folder / f"{name}.tmp.npy"
-        np.save(tmp, corpus.split(name))
-        os.replace(tmp, folder / f"{name}.npy")
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps({"vocab": corpus.vocab.idx2word, "style": corpus.vocab.style}))
-    os.replace(tmp, folder / "meta.json")  # written last: marks the cache complete
+def split_sizes(n: int, split: Sequence[float]) -> Tuple[int, int, int]:
+    """Tokens of train, valid and test: floor(n * f) for the first two, the test the rest
+    (the third fraction, up to the rounding of the other two)."""
+    check_split(split)
+    n_train, n_valid = int(n * split[0]), int(n * split[1])
+    return n_train, n_valid, n - n_train - n_valid
 
 
 def _compact(ids: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -299,8 +279,7 @@ def _build(path: Path, cfg: DataConfig) -> Corpus:
         style = _style(idx2word)
     else:
         data = np.fromfile(path, dtype=np.uint8)
-        n_train = int(len(data) * cfg.split[0])
-        n_valid = int(len(data) * cfg.split[1])
+        n_train, n_valid, _ = split_sizes(len(data), cfg.split)
         ids = dict(zip(SPLITS, np.split(data, [n_train, n_train + n_valid])))
         idx2word, style = [str(b) for b in range(256)], "bytes"
     arrays = {name: _compact(a, len(idx2word)) for name, a in ids.items()}
@@ -320,19 +299,27 @@ def check_data_path(cfg: DataConfig) -> Path:
     return path
 
 
+def data_fingerprint(cfg: DataConfig) -> dict:
+    """Size and sha256 of the data at ``cfg.path`` (computed once per process)."""
+    return corpus_cache.fingerprint(source_files(check_data_path(cfg)))
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Tokenise (or load the cached tokenisation of) the data at ``cfg.path``."""
     path = check_data_path(cfg)
-    files = list(_sources(path).values()) if path.is_dir() else [path]
-    key = _fingerprint(files, cfg)
-    folder = _cache_dir(path, key)
-    corpus = _load_cached(folder)
-    if corpus is None:
+    fp = data_fingerprint(cfg)
+    settings = [cfg.sort_by_freq, list(cfg.split) if path.is_file() else None]
+    folder = corpus_cache.cache_folder(path, fp, settings, cfg.cache_dir)
+    cached = corpus_cache.load_cached(folder, SPLITS)
+    if cached is not None:
+        meta, arrays = cached
+        corpus = Corpus(Vocab(meta["vocab"], meta["style"]), **arrays)
+    else:
         corpus = _build(path, cfg)
-        try:
-            _save_cached(folder, corpus)
-        except OSError:
-            pass  # read-only location: work from memory
+        meta = {"vocab": corpus.vocab.idx2word, "style": corpus.vocab.style, "source": str(path.resolve())}
+        corpus_cache.save_cached(folder, meta, {name: corpus.split(name) for name in SPLITS})
+        # an unwritable cache folder is no error: the corpus is used from memory
+    corpus.fingerprint = fp
     if min(len(corpus.split(name)) for name in SPLITS) < 2:
         raise ConfigError(f"--data {cfg.path}: a split has fewer than 2 tokens")
     return corpus

@@ -88,17 +88,66 @@ def test_frequency_order_and_tie_rule():
 
 
 def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path):
-    paths = write_splits(tmp_path, {"train": "1 2 3\n" * 50, "valid": "1 2\n", "test": "3 1\n"})
-    corpus = load_corpus(DataConfig(str(tmp_path)))
+    source, cache = tmp_path / "data", tmp_path / "cache"
+    paths = write_splits(source, {"train": "1 2 3\n" * 50, "valid": "1 2\n", "test": "3 1\n"})
+    corpus = load_corpus(DataConfig(str(source), cache_dir=str(cache)))
     assert corpus.vocab.idx2word == ["1", "2", "3", EOS] and corpus.vocab.style == "enwik8"
-    cached = list((tmp_path / ".corpus_cache").glob("*/train.npy"))
+    cached = list(cache.glob("data-*/train.npy"))
     assert len(cached) == 1
     np.testing.assert_array_equal(np.load(cached[0]), corpus.train)
+    assert sorted(p.name for p in source.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
     time.sleep(0.01)
     paths["train"].write_text("4 1 2 3\n" * 50)
     os.utime(paths["train"], ns=(time.time_ns(), time.time_ns()))
-    corpus = load_corpus(DataConfig(str(tmp_path)))
+    corpus = load_corpus(DataConfig(str(source), cache_dir=str(cache)))
     assert corpus.vocab.idx2word[0] == "4"
+
+
+def test_rewrite_with_the_same_size_and_time_is_not_served_from_the_cache(tmp_path):
+    """The cache key is the content: same size, same mtime, other bytes -> other tokens."""
+    path, cache = tmp_path / "text.txt", tmp_path / "cache"
+    path.write_bytes(b"abcdefgh" * 40)
+    cfg = DataConfig(str(path), cache_dir=str(cache))
+    first = load_corpus(cfg)
+    stat = path.stat()
+    path.write_bytes(b"ABCDEFGH" * 40)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    data.corpus_cache._memo.clear()  # a new process: nothing remembered
+    second = load_corpus(cfg)
+    assert bytes(second.train[:8].tolist()) == b"ABCDEFGH" and bytes(first.train[:8].tolist()) == b"abcdefgh"
+    assert first.fingerprint["size"] == second.fingerprint["size"]
+    assert first.fingerprint["sha256"] != second.fingerprint["sha256"]
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_cache_goes_to_the_cache_folder_by_default(tmp_path, monkeypatch):
+    """--cache-dir, else $ADAPTIVE_SPAN_CACHE, else $XDG_CACHE_HOME/adaptive-span; never the data folder."""
+    path = tmp_path / "data" / "text.txt"
+    path.parent.mkdir()
+    path.write_bytes(b"some text for the cache\n" * 20)
+    monkeypatch.delenv("ADAPTIVE_SPAN_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    load_corpus(DataConfig(str(path)))
+    assert [p.name for p in path.parent.iterdir()] == ["text.txt"]
+    (entry,) = (tmp_path / "xdg" / "adaptive-span").iterdir()
+    assert entry.name.startswith("text.txt-") and (entry / "meta.json").is_file()
+    monkeypatch.setenv("ADAPTIVE_SPAN_CACHE", str(tmp_path / "env"))
+    load_corpus(DataConfig(str(path)))
+    assert len(list((tmp_path / "env").iterdir())) == 1
+    load_corpus(DataConfig(str(path), cache_dir=str(path.parent)))  # asked for: the data folder
+    assert len(list(path.parent.iterdir())) == 2
+
+
+@pytest.mark.parametrize("split,sizes", [((0.9, 0.05, 0.05), (900, 50, 50)), ((0.5, 0.3, 0.2), (500, 300, 200))])
+def test_split_uses_all_three_fractions(split, sizes):
+    assert data.split_sizes(1000, split) == sizes
+
+
+@pytest.mark.parametrize("split", [(0.1, 0.1, 0.1), (0.5, 0.3, 0.3), (1.0, 0.0, 0.0), (0.9, -0.05, 0.15)])
+def test_split_that_is_not_three_positive_fractions_summing_to_one_is_refused(split):
+    with pytest.raises(ConfigError, match=r"--data-split .*sum to 1"):
+        data.check_split(split)
 
 
 def test_plain_file_is_byte_level_with_a_90_5_5_split(tmp_path):
@@ -164,12 +213,21 @@ def test_vocab_round_trips_text():
 def test_read_only_data_folder_is_never_written(tmp_path, monkeypatch):
     folder = tmp_path / "ro"
     write_splits(folder, {"train": "1 2 3\n" * 20, "valid": "1 2\n", "test": "3 1\n"})
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("ADAPTIVE_SPAN_CACHE", str(tmp_path / "cache"))
     folder.chmod(0o555)  # root may still write: the permission bits decide
     try:
         corpus = load_corpus(DataConfig(str(folder)))
     finally:
         folder.chmod(0o755)
-    assert not (folder / ".corpus_cache").exists()
-    assert list((tmp_path / "cache" / "adaptive-span").glob("*/train.npy"))
+    assert sorted(p.name for p in folder.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
+    assert list((tmp_path / "cache").glob("ro-*/train.npy"))
     assert len(corpus.vocab) == 4
+
+
+def test_unwritable_cache_folder_works_from_memory(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"hello world\n" * 30)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    corpus = load_corpus(DataConfig(str(path), cache_dir=str(blocker / "cache")))
+    assert bytes(corpus.train[:5].tolist()) == b"hello" and blocker.read_text() == "x"

@@ -1,0 +1,108 @@
+"""Fingerprints of the data and the cache of tokenised corpora.
+
+A fingerprint is ``{"size": bytes, "sha256": hex}`` over the source files (one plain
+file, or the three split files of a folder in train/valid/test order, each preceded by
+its name and size). It is computed from the content once per process (sha256 reads
+about 0.6 GB/s on one core, so 0.16 s for 100 MB) and stored in checkpoints, so that
+a run cannot resume or be evaluated on other data without a word.
+
+The tokenised splits are cached as ``.npy`` arrays (memory mapped when read) and a
+``meta.json`` in ``CACHE_ROOT/<name>-<key>/``, where the key hashes the data's
+resolved path, its fingerprint and the tokenisation settings: a file rewritten with
+the same size and time gets a new key. ``CACHE_ROOT`` is ``--cache-dir``, else
+``$ADAPTIVE_SPAN_CACHE``, else ``$XDG_CACHE_HOME/adaptive-span``, else
+``~/.cache/adaptive-span``; the data folder itself is never written unless it is given
+as the cache folder.
+"""
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+CACHE_VERSION = 3
+READ_BYTES = 1 << 24
+_memo: Dict[tuple, dict] = {}  # stat signature of the files -> fingerprint, for this process
+
+
+def _signature(files: Sequence[Path]) -> tuple:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(out)
+
+
+def fingerprint(files: Sequence[Path]) -> dict:
+    """Total size and sha256 of the files' contents (names and sizes included)."""
+    files = [Path(f) for f in files]
+    key = _signature(files)
+    if key in _memo:
+        return _memo[key]
+    digest, total = hashlib.sha256(), 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        if len(files) > 1:
+            digest.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as handle:
+            while True:
+                block = handle.read(READ_BYTES)
+                if not block:
+                    break
+                digest.update(block)
+    _memo[key] = {"size": total, "sha256": digest.hexdigest()}
+    return _memo[key]
+
+
+def describe(fp: dict) -> str:
+    return f"{fp['size']:,} bytes, sha256 {fp['sha256'][:12]}"
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("ADAPTIVE_SPAN_CACHE"):
+        return Path(os.environ["ADAPTIVE_SPAN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "adaptive-span"
+
+
+def cache_folder(path: Path, fp: dict, settings: list, cache_dir: Optional[str] = None) -> Path:
+    """The folder of the cached tokenisation of ``path`` with these settings and content."""
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, str(path.resolve()), fp, settings]).encode()).hexdigest()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name)[:40] or "data"
+    return cache_root(cache_dir) / f"{name}-{key[:16]}"
+
+
+def load_cached(folder: Path, splits: Sequence[str]) -> Optional[Tuple[dict, Dict[str, np.ndarray]]]:
+    """(meta, arrays) of a complete cache entry, or None."""
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in splits}
+    except (OSError, ValueError):
+        return None
+    return meta, arrays
+
+
+def save_cached(folder: Path, meta: dict, arrays: Dict[str, np.ndarray]) -> bool:
+    """Write atomically (meta.json last marks the entry complete); False when not writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in arrays.items():
+            tmp = folder / f"{name}.tmp.npy"
+            np.save(tmp, array)
+            os.replace(tmp, folder / f"{name}.npy")
+        tmp = folder / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, folder / "meta.json")
+    except OSError:
+        return False
+    return True
+
