@@ -8,7 +8,7 @@ Every flag of the reference implementation keeps its spelling, default and meani
 """
 import argparse
 import math
-import signal
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -21,11 +21,12 @@ from tqdm import tqdm
 import checkpoint as ckpt_io
 import flops
 import plots  # matplotlib is imported lazily, only for the spans image
-from data import DataConfig, load_corpus
+from checks import check_flag_ranges, check_flags, check_outputs, check_same_data
+from data import DataConfig, data_fingerprint, load_corpus
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq
 from trainer import TrainConfig, Trainer, build_optimizer, evaluate, to_unit
-from utils import (ConfigError, MetricsLog, all_gather_objects, all_reduce_sum, atomic_save,
-                   barrier, init_distributed, seed_everything, shutdown, wrap_ddp)
+from utils import (ConfigError, MetricsLog, StopFlag, barrier, init_distributed, seed_everything, shutdown,
+                   wrap_ddp)
 
 # flag dest -> ModelConfig field
 MODEL_FLAGS = {"hid_sz": "hidden_size", "inner_hid_sz": "inner_hidden_size", "nlayers": "nlayers",
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tensorboard-dir", default="", help="default: <checkpoint>.logs next to the checkpoint")
     a("--dry-run", action="store_true", help="validate flags, print the parameter count, exit")
     a("--vocab-size", type=int, default=0, help="vocabulary size for --dry-run without data")
+    a("--cache-dir", default=None, help="token cache folder (default: $ADAPTIVE_SPAN_CACHE, else $XDG_CACHE_HOME/adaptive-span or ~/.cache/adaptive-span)")
     return p
 
 
@@ -107,22 +109,6 @@ def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:
             else:
                 probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
     return set(vars(probe.parse_known_args(argv)[0]))
-
-
-def check_flags(args) -> None:
-    if args.hid_sz % args.nheads:
-        raise ConfigError(f"--hid-sz {args.hid_sz} is not divisible by --nheads {args.nheads}")
-    if args.batch_sz % args.batch_split:
-        raise ConfigError(f"--batch-sz {args.batch_sz} is not divisible by --batch-split {args.batch_split}")
-    for flag in ("nlayers", "block_sz", "attn_span", "batch_sz", "batch_split", "nbatches", "adapt_span_ramp"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.adapt_io_tied and not args.adapt_io:
-        raise ConfigError("--adapt-io-tied needs --adapt-io")
-    if args.full_eval_mode and not args.checkpoint:
-        raise ConfigError("--full-eval-mode needs --checkpoint PATH (the model to evaluate)")
-    if args.amp != "none" and not torch.cuda.is_available():
-        raise ConfigError(f"--amp {args.amp} needs a CUDA device; drop it on CPU")
 
 
 def configs_from_args(args, vocab_size: int):
@@ -148,6 +134,13 @@ def merge_saved_config(args, explicit: set, saved: dict) -> None:
         args.data = saved["data"]["path"]
     if "data_unit" not in explicit:
         args.data_unit = saved["data"].get("unit", args.data_unit)
+    split = saved["data"].get("split")  # of a plain text file; absent in older checkpoints
+    if split and "data_split" in explicit and list(args.data_split) != list(split) and Path(args.data).is_file():
+        given, stored = (" ".join(f"{x:g}" for x in v) for v in (args.data_split, split))
+        raise ConfigError(f"--data-split {given} contradicts the checkpoint {args.checkpoint}, whose run "
+                          f"split its data {stored}; drop the flag (the stored split is used)")
+    if split and "data_split" not in explicit:
+        args.data_split = list(split)
 
 
 def log_to(dist):
@@ -165,7 +158,7 @@ def build_model(args, vocab_size: int, device):
 
 
 def dry_run(args, log) -> int:
-    vocab = args.vocab_size or (len(load_corpus(DataConfig(args.data, args.adapt_io)).vocab)
+    vocab = args.vocab_size or (len(load_corpus(DataConfig(args.data, args.adapt_io, cache_dir=args.cache_dir)).vocab)
                                 if Path(args.data).exists() else 0)
     if not vocab:
         raise ConfigError(f"--dry-run needs --vocab-size N when --data {args.data} does not exist")
@@ -195,35 +188,29 @@ def tensorboard_dir(args) -> Path:
     return None
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM's warnings before preemption) ask for a checkpoint and exit."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, dist) -> bool:
-        if not dist.enabled:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=dist.device)
-        return all_reduce_sum(flag, dist).item() > 0
+def stop_message(args, step: int) -> str:
+    if not args.checkpoint:
+        return f"signal received at step {step}; exiting without a checkpoint (no --checkpoint was given)"
+    return (f"signal received: checkpoint written at step {step}; exiting. The checkpoint is "
+            f"{args.checkpoint}: rerun the same command to resume")
 
 
-def save(args, trainer, corpus, model_cfg, history, iter_no, dist, log) -> None:
-    trainer.sync_iteration()  # a partial iteration's running loss: every rank resumes with the mean
-    ranks = ckpt_io.gather_rank_states(trainer, lambda obj: all_gather_objects(obj, dist))
+def checkpoint_meta(args, trainer, corpus, model_cfg) -> dict:
+    """What main.py adds to the trainer's state: configuration, data identity, vocabulary."""
+    data = {"path": args.data, "unit": args.data_unit, "fingerprint": corpus.fingerprint,
+            "split": list(args.data_split) if Path(args.data).is_file() else None}
+    return {"config": {"model": model_cfg.to_dict(), "train": asdict(trainer.cfg), "data": data},
+            "vocab": {"idx2word": corpus.vocab.idx2word, "style": corpus.vocab.style}}
+
+
+def save(args, trainer, corpus, model_cfg, history, iter_no, dist, log):
+    """Write the checkpoint (rank 0); its cache size in MB, or None where nothing is written."""
+    state = trainer.state_dict()  # a collective: every rank takes part
     if not (dist.is_main and args.checkpoint):
-        return
-    config = {"model": model_cfg.to_dict(), "train": asdict(trainer.cfg),
-              "data": {"path": args.data, "unit": args.data_unit}}
-    vocab = {"idx2word": corpus.vocab.idx2word, "style": corpus.vocab.style}
-    atomic_save(ckpt_io.build_checkpoint(trainer, ranks, config, vocab, iter_no, history),
-                Path(args.checkpoint))
-    return ckpt_io.cache_megabytes(ranks)
+        return None
+    ckpt = {**state, **checkpoint_meta(args, trainer, corpus, model_cfg), "iter_no": iter_no, "logger": history}
+    ckpt_io.write_checkpoint(ckpt, Path(args.checkpoint))
+    return ckpt_io.cache_megabytes(ckpt)
 
 
 def log_iteration(args, trainer, model, history, train_nll, val_nll, ms, metrics, log,
@@ -281,11 +268,12 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
                 raise ConfigError(f"{trainer.nonfinite_in_row} steps in a row had a non-finite loss or "
                                   f"gradient (last grad norm {result['grad_norm']}); stopping. The last good "
                                   "checkpoint is untouched: lower --lr or raise --grad-clip and resume")
-            if stop.agreed(dist):
+            code = stop.agreed(dist)
+            if code is not None:
                 bar.close()
                 save(args, trainer, corpus, model_cfg, history, done - 1, dist, log)
-                log(f"signal received: checkpoint written at step {trainer.step}; exiting")
-                return 0
+                log(stop_message(args, trainer.step))
+                return code
         bar.close()
         ms = (time.time() - start) * 1000 / max(steps_run, 1)
         train_nll = trainer.end_iteration()
@@ -296,6 +284,10 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
         mb = save(args, trainer, corpus, model_cfg, history, done - 1, dist, log)
         if done == 1 and mb is not None:
             log(f"checkpoint {args.checkpoint}: caches {mb:.1f} MB")
+        code = stop.agreed(dist)  # a signal during the validation: the checkpoint is written
+        if code is not None:
+            log(stop_message(args, trainer.step))
+            return code
     metrics.close()
     return 0
 
@@ -304,10 +296,13 @@ def run(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, sys.argv[1:] if argv is None else argv)
+    check_flag_ranges(args)  # each flag on its own, before any file is read
     dist = init_distributed(args.device)
     log = log_to(dist)
-    ckpt = (ckpt_io.load_checkpoint(Path(args.checkpoint), log, set_aside=dist.is_main)
-            if args.checkpoint and not args.dry_run else None)
+    ckpt = None
+    if args.checkpoint and not args.dry_run:
+        ckpt = (ckpt_io.require_checkpoint(args.checkpoint, log) if args.full_eval_mode
+                else ckpt_io.load_checkpoint(Path(args.checkpoint), log))
     if ckpt is not None and not ckpt_io.is_reference(ckpt):
         merge_saved_config(args, explicit, ckpt["config"])
     check_flags(args)
@@ -317,12 +312,14 @@ def run(argv=None) -> int:
     if args.batch_sz % dist.world_size or local % args.batch_split:
         raise ConfigError(f"--batch-sz {args.batch_sz} must split evenly over {dist.world_size} ranks "
                           f"and then into --batch-split {args.batch_split}")
-    data_cfg = DataConfig(args.data, sort_by_freq=args.adapt_io, split=tuple(args.data_split))
-    if dist.is_main:
-        corpus = load_corpus(data_cfg)  # rank 0 tokenises and caches; the others wait
-    barrier(dist)
-    if not dist.is_main:
-        corpus = load_corpus(data_cfg)
+    data_cfg = DataConfig(args.data, sort_by_freq=args.adapt_io, split=tuple(args.data_split),
+                          cache_dir=args.cache_dir)
+    fingerprint = data_fingerprint(data_cfg)
+    if ckpt is not None and not ckpt_io.is_reference(ckpt):
+        check_same_data(args, ckpt["config"]["data"], fingerprint)
+    if not args.full_eval_mode:
+        check_outputs(args, tensorboard_dir(args))
+    corpus = load_data(data_cfg, dist)
     if ckpt is not None and "vocab" in ckpt and ckpt["vocab"]["idx2word"] != corpus.vocab.idx2word:
         raise ConfigError(f"--data {args.data} has another vocabulary than the one {args.checkpoint} "
                           "was trained with; point --data at the training data")
@@ -339,10 +336,22 @@ def run(argv=None) -> int:
     trainer = Trainer(ddp_model, model, optimizer, train_cfg, dist, corpus.train, corpus.valid)
     if ckpt is not None:
         check_resume(ckpt, train_cfg, args)
-        ckpt_io.restore_trainer(trainer, ckpt, log)
-    code = train(args, trainer, model, corpus, model_cfg, ckpt, dist, log)
+        trainer.load_state_dict(ckpt, log)
+        if dist.is_main:
+            ckpt_io.set_aside_unreadable(ckpt, Path(args.checkpoint), log)
+    with StopFlag.restoring():
+        code = train(args, trainer, model, corpus, model_cfg, ckpt, dist, log)
     shutdown(dist)
     return code
+
+
+def load_data(data_cfg: DataConfig, dist):
+    if dist.is_main:
+        corpus = load_corpus(data_cfg)  # rank 0 tokenises and caches; the others wait
+    barrier(dist)
+    if not dist.is_main:
+        corpus = load_corpus(data_cfg)
+    return corpus
 
 
 def check_resume(ckpt: dict, train_cfg: TrainConfig, args) -> None:
@@ -363,9 +372,25 @@ def main(argv=None) -> int:
         return run(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        report_error(f"error: {err}")
         return 2
     except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: stopped without writing a checkpoint; rerunning the same command resumes "
+                  "from the last one written, if any", file=sys.stderr, flush=True)
         return 130
+
+
+def report_error(line: str) -> None:
+    """Also append the error line to $ADAPTIVE_SPAN_ERROR_FILE (set by scripts/launch_ranks.py,
+    which prints it last, after the launcher's own output)."""
+    path = os.environ.get("ADAPTIVE_SPAN_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(f"{os.environ.get('RANK', '0')}\t{line}\n")
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from data import Stream, batchify, eval_rows
-from utils import ConfigError, DistInfo, all_reduce_sum
+from utils import ConfigError, DistInfo, all_gather_objects, all_reduce_sum, rng_state, set_rng_state
 
 LN2 = math.log(2)
 
@@ -192,6 +192,58 @@ class Trainer:
         self.iter_loss, self.iter_count, self.iter_step = 0.0, 0, 0
         return nll
 
+    # ---- checkpoint state --------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs from the trainer: weights, optimizer, counters and, per
+        rank, the random states, stream positions and caches. A collective: every rank calls
+        it and gets every rank's share. Loads with ``torch.load(weights_only=True)``."""
+        self.sync_iteration()  # a partial iteration's running loss: every rank resumes with the mean
+        ranks = all_gather_objects(self._rank_state(), self.dist)
+        return {"step": self.step, "scheduler_iter": self.step,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "iter_loss": [self.iter_loss, self.iter_count], "iter_step": self.iter_step,
+                "nonfinite": [self.nonfinite_in_row, self.nonfinite_total],
+                "world_size": len(ranks), "ranks": ranks,
+                "scaler": self.scaler.state_dict() if self.scaler else {}}
+
+    def load_state_dict(self, state: dict, log=print) -> None:
+        """Take the state of ``state_dict()`` (the weights are loaded with the model, before
+        the trainer exists). A reference checkpoint has only the optimizer and step: its
+        streams start afresh. A state of another number of ranks has its caches re-cut."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["grad_clip"] = self.cfg.grad_clip  # the command line's clip, as the reference
+        self.step = int(state.get("scheduler_iter", state.get("step", 0)) or 0)
+        if "ranks" not in state:
+            return  # the reference saves no stream positions, caches or random states
+        self.iter_loss, self.iter_count = state["iter_loss"]
+        self.iter_step = int(state["iter_step"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite"]
+        ranks, dist = state["ranks"], self.dist
+        if len(ranks) == dist.world_size:
+            mine = ranks[dist.rank]
+            self.train_cache = [c.to(dist.device) for c in mine["train_cache"]]
+            self.valid_cache = [c.to(dist.device) for c in mine["valid_cache"]]
+            set_rng_state(mine["rng"])
+        else:
+            log(f"resuming {len(ranks)}-rank state on {dist.world_size} ranks: caches resharded, "
+                "stream positions kept, dropout random states re-derived from rank 0's")
+            self.train_cache = _reshard([r["train_cache"] for r in ranks], dist)
+            self.valid_cache = _reshard([r["valid_cache"] for r in ranks], dist)
+            set_rng_state(ranks[0]["rng"])
+            torch.manual_seed(int(torch.randint(2**31, ()).item()) + dist.rank)
+        self.train_stream.load_state_dict(ranks[0]["train_stream"])
+        self.valid_stream.load_state_dict(ranks[0]["valid_stream"])
+
+    def _rank_state(self) -> dict:
+        return {"rng": rng_state(),
+                "train_stream": self.train_stream.state_dict(),
+                "valid_stream": self.valid_stream.state_dict(),
+                "train_cache": [c.detach().cpu() for c in self.train_cache],
+                "valid_cache": [c.detach().cpu() for c in self.valid_cache]}
+
     # ---- evaluation --------------------------------------------------------
     @torch.no_grad()
     def validate(self, nblocks: int) -> float:
@@ -209,6 +261,17 @@ class Trainer:
                 self.valid_cache = [torch.zeros_like(c) for c in self.valid_cache]
         all_reduce_sum(total, self.dist)
         return (total[0] / total[1]).item()
+
+
+def _reshard(tensors_per_rank: List[List[torch.Tensor]], dist: DistInfo) -> List[torch.Tensor]:
+    """Per-layer caches of the old ranks, concatenated over rows, re-cut for this rank."""
+    out = []
+    for layer in zip(*tensors_per_rank):
+        size = min(t.size(1) for t in layer)
+        full = torch.cat([t[:, t.size(1) - size:] for t in layer], dim=0)  # (B, C, H)
+        rows = full.size(0) // dist.world_size
+        out.append(full[dist.rank * rows:(dist.rank + 1) * rows].to(dist.device))  # (B/W, C, H)
+    return out
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ This file and main.py are the only ones that touch ``torch.distributed``.
 import json
 import os
 import random
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -85,6 +87,50 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+# ---- signals -------------------------------------------------------------------
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM's warnings before preemption) and SIGINT (Ctrl-C) ask the
+    ranks to agree on a step, write a checkpoint and exit: status 0 after SIGTERM / SIGUSR1
+    (the scheduler's stop), 130 after Ctrl-C. A second Ctrl-C more than REPEAT_S seconds
+    after the first aborts at once without saving (torchrun forwards the first one to its
+    workers within milliseconds: that copy is not a second press)."""
+    REPEAT_S = 1.0
+
+    def __init__(self):
+        self.requested = False
+        self.interrupted_at = None  # time of the first SIGINT
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if signum != signal.SIGINT:
+            self.requested = True
+        elif self.interrupted_at is None:
+            self.interrupted_at = time.monotonic()
+        elif time.monotonic() - self.interrupted_at > self.REPEAT_S:
+            raise KeyboardInterrupt
+
+    @staticmethod
+    @contextmanager
+    def restoring():
+        """Put back the signal handlers of before (for callers of main.main in one process)."""
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def agreed(self, dist: DistInfo):
+        """None to go on; else the exit status every rank agrees on (130 if any rank had Ctrl-C)."""
+        flags = torch.tensor([float(self.requested), float(self.interrupted_at is not None)], device=dist.device)
+        term, interrupt = all_reduce_sum(flags, dist).tolist() if dist.enabled else flags.tolist()
+        return 130 if interrupt else 0 if term else None
+
+
 # ---- random states -------------------------------------------------------------
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
@@ -130,6 +176,24 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def unwritable_reason(folder: Path) -> str:
+    """Why files cannot be created in ``folder`` (made if missing), or '' when they can.
+    Writes nothing. A folder without any write permission bit counts as read-only even
+    for root, who could write there."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    mode = existing.stat().st_mode
+    if not os.access(existing, os.W_OK | os.X_OK) or not mode & 0o222:
+        return f"the folder {existing} is not writable"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"the folder {existing} is on a read-only file system"
+    return ""
 
 
 def previous_path(path: Path) -> Path:
