@@ -371,8 +371,8 @@ def main(argv=None) -> int:
     try:
         return run(argv)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        report_error(f"error: {err}")
+        if not report_error(f"error: {err}"):
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
@@ -381,17 +381,18 @@ def main(argv=None) -> int:
         return 130
 
 
-def report_error(line: str) -> None:
-    """Also append the error line to $ADAPTIVE_SPAN_ERROR_FILE (set by scripts/launch_ranks.py,
-    which prints it last, after the launcher's own output)."""
+def report_error(line: str) -> bool:
+    """Under scripts/launch_ranks.py ($ADAPTIVE_SPAN_ERROR_FILE set), append the error line to
+    that file for the launcher to print last, once for all ranks; False when not handed over."""
     path = os.environ.get("ADAPTIVE_SPAN_ERROR_FILE")
-    if path:
-        try:
-            with open(path, "a") as f:
-                f.write(f"{os.environ.get('RANK', '0')}\t{line}\n")
-        except OSError:
-            pass
-
+    if not path:
+        return False
+    try:
+        with open(path, "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')}\t{line}\n")
+    except OSError:
+        return False
+    return True
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,8 @@
 # and then calls: launch "$@"
 #
 # Options of every configuration script:
-#   --gpus G        processes (GPUs) for torchrun; default: GPUs listed by nvidia-smi, or 1
+#   --gpus G        processes (GPUs) for torchrun, a positive integer; default: GPUs listed by
+#                   nvidia-smi, or 1
 #   --eval          only evaluate the checkpoint (e.g. a pretrained one from get_pretrained.sh)
 #   --dry-run       no data, no training: run `python main.py ... --dry-run` for each training
 #                   phase, which checks the flags and prints the parameter count; print the
@@ -21,6 +22,9 @@
 # Environment: DATA_DIR (default data/$DATASET), CHECKPOINT (default checkpoints/$NAME.pt),
 # PYTHON (default python3). Commands run from the repository root; relative paths in extra
 # flags are relative to it.
+# Training runs torchrun through scripts/launch_ranks.py, so that a bad flag, data or
+# checkpoint ends with one `error:` line (the last line, exit status 2) and Ctrl-C with the
+# line saying where the checkpoint is (exit status 130), without torchrun's traceback.
 
 set -euo pipefail
 
@@ -52,11 +56,18 @@ launch_usage() {
     sed -n '/^# Options of every/,/^# flags are relative/p' "$ROOT/scripts/common.sh" | sed 's/^# \{0,1\}//'
 }
 
+# One error line (the last the user sees) and exit status 2.
+launch_error() {
+    echo "error: $*" >&2
+    exit 2
+}
+
 launch() {
     local gpus="" mode=train extra=() python_bin="${PYTHON:-$(command -v python3 || echo python)}"
     while [[ $# -gt 0 ]]; do
         case "$1" in
-            --gpus) gpus="${2:?--gpus needs a number}"; shift 2 ;;
+            --gpus) [[ $# -ge 2 ]] || launch_error "--gpus needs a number of GPUs, e.g. --gpus 8"
+                    gpus="$2"; shift 2 ;;
             --gpus=*) gpus="${1#--gpus=}"; shift ;;
             --eval) mode=eval; shift ;;
             --dry-run) mode=dry; shift ;;
@@ -65,6 +76,9 @@ launch() {
             *) extra+=("$1"); shift ;;
         esac
     done
+    if [[ -n "$gpus" && ! "$gpus" =~ ^[1-9][0-9]*$ ]]; then
+        launch_error "--gpus $gpus: give a positive whole number of processes (GPUs), e.g. --gpus 8"
+    fi
     cd "$ROOT"
     local data="${DATA_DIR:-data/$DATASET}" ckpt="${CHECKPOINT:-checkpoints/$NAME.pt}"
     local base=("${FLAGS[@]}" --data "$data" --checkpoint "$ckpt")
@@ -87,8 +101,8 @@ launch() {
             gpus="${gpus:-$(count_gpus)}"
             mkdir -p "$(dirname "$ckpt")"
             for phase in "${PHASES[@]}"; do
-                run_cmd torchrun --standalone --nproc_per_node="$gpus" main.py "${base[@]}" $phase \
-                    "${extra[@]}" --distributed
+                run_cmd "$python_bin" scripts/launch_ranks.py --standalone --nproc_per_node="$gpus" \
+                    main.py "${base[@]}" $phase "${extra[@]}" --distributed
             done
         fi
         run_cmd "${evaluate[@]}" --reference-eval

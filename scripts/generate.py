@@ -126,9 +126,7 @@ def load(args, explicit: set) -> Tuple[TransformerSeq, Vocab, int]:
     """The model in eval mode, its vocabulary and block size."""
     if not args.checkpoint:
         raise ConfigError("--checkpoint PATH is required")
-    ckpt = ckpt_io.load_checkpoint(Path(args.checkpoint), log=lambda msg: print(msg, file=sys.stderr))
-    if ckpt is None:
-        raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
+    ckpt = ckpt_io.require_checkpoint(args.checkpoint, log=lambda msg: print(msg, file=sys.stderr))
     if ckpt_io.is_reference(ckpt):
         if "data" not in explicit:
             raise ConfigError("a reference checkpoint carries no vocabulary: give --data DIR (its "

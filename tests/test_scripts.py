@@ -329,7 +329,8 @@ def test_launch_sequence(tmp_path):
     res = run(["bash", str(SCRIPTS / "text8_large.sh"), "--gpus", "3", "--seed", "1"], env=env)
     assert res.returncode == 0, res.stderr
     calls = log.read_text().splitlines()
-    assert [c.split()[0] for c in calls] == ["torchrun", "torchrun", "fakepython", "fakepython"]
+    assert [c.split()[:2] for c in calls[:2]] == [["fakepython", "scripts/launch_ranks.py"]] * 2
+    assert [c.split()[0] for c in calls[2:]] == ["fakepython", "fakepython"]
     assert "--nproc_per_node=3" in calls[0] and "--standalone" in calls[0]
     first, second = parse_flags(calls[0]), parse_flags(calls[1])
     assert (first["--lr"], first["--niter"], second["--lr"], second["--niter"]) == \
