@@ -51,24 +51,33 @@ def check_flags(args) -> None:
         raise ConfigError(f"--hid-sz {args.hid_sz} is not divisible by --nheads {args.nheads}")
     if args.batch_sz % args.batch_split:
         raise ConfigError(f"--batch-sz {args.batch_sz} is not divisible by --batch-split {args.batch_split}")
-    if args.adapt_span_ramp > args.attn_span:
+    if args.adapt_span and args.adapt_span_ramp > args.attn_span:
         raise ConfigError(f"--adapt-span-ramp {args.adapt_span_ramp} is longer than --attn-span "
                           f"{args.attn_span}; give a ramp of at most the span")
     if args.adapt_io_tied and not args.adapt_io:
         raise ConfigError("--adapt-io-tied needs --adapt-io")
+    if args.eval_other_data and not args.full_eval_mode:
+        raise ConfigError("--eval-other-data is for evaluation (--full-eval-mode): a run resumes on its own data")
     if args.full_eval_mode and not args.checkpoint:
         raise ConfigError("--full-eval-mode needs --checkpoint PATH (the model to evaluate)")
     if args.amp != "none" and not torch.cuda.is_available():
         raise ConfigError(f"--amp {args.amp} needs a CUDA device; drop it on CPU")
 
 
-def check_same_data(args, saved: dict, fp: dict) -> None:
-    """The data of ``--data`` are those the checkpoint was trained on (when it says)."""
+def check_same_data(args, saved: dict, fp: dict, log=print) -> None:
+    """The data of ``--data`` are those the checkpoint was trained on (when it says so);
+    ``--eval-other-data`` lets an evaluation use other data, with a warning."""
     want = saved.get("fingerprint")
-    if want and (want["size"], want["sha256"]) != (fp["size"], fp["sha256"]):
-        raise ConfigError(f"--data {args.data} ({describe(fp)}) is not the data the checkpoint "
-                          f"{args.checkpoint} was trained on ({saved['path']}: {describe(want)}); "
-                          "point --data at the training data, or use another --checkpoint")
+    if not want or (want["size"], want["sha256"]) == (fp["size"], fp["sha256"]):
+        return
+    if args.full_eval_mode and args.eval_other_data:
+        log(f"warning: evaluating on --data {args.data} ({describe(fp)}), not on the checkpoint's training "
+            f"data ({saved['path']}: {describe(want)})")
+        return
+    hint = " (to evaluate on other data on purpose, add --eval-other-data)" if args.full_eval_mode else ""
+    raise ConfigError(f"--data {args.data} ({describe(fp)}) is not the data the checkpoint "
+                      f"{args.checkpoint} was trained on ({saved['path']}: {describe(want)}); "
+                      f"point --data at the training data, or use another --checkpoint{hint}")
 
 
 def check_outputs(args, tensorboard: Path) -> None:

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tensorboard-dir", default="", help="default: <checkpoint>.logs next to the checkpoint")
     a("--dry-run", action="store_true", help="validate flags, print the parameter count, exit")
     a("--vocab-size", type=int, default=0, help="vocabulary size for --dry-run without data")
+    a("--eval-other-data", action="store_true", help="with --full-eval-mode: evaluate on other data than the checkpoint's, on purpose")
     a("--cache-dir", default=None, help="token cache folder (default: $ADAPTIVE_SPAN_CACHE, else $XDG_CACHE_HOME/adaptive-span or ~/.cache/adaptive-span)")
     return p
 
@@ -284,10 +285,6 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
         mb = save(args, trainer, corpus, model_cfg, history, done - 1, dist, log)
         if done == 1 and mb is not None:
             log(f"checkpoint {args.checkpoint}: caches {mb:.1f} MB")
-        code = stop.agreed(dist)  # a signal during the validation: the checkpoint is written
-        if code is not None:
-            log(stop_message(args, trainer.step))
-            return code
     metrics.close()
     return 0
 
@@ -316,7 +313,7 @@ def run(argv=None) -> int:
                           cache_dir=args.cache_dir)
     fingerprint = data_fingerprint(data_cfg)
     if ckpt is not None and not ckpt_io.is_reference(ckpt):
-        check_same_data(args, ckpt["config"]["data"], fingerprint)
+        check_same_data(args, ckpt["config"]["data"], fingerprint, log)
     if not args.full_eval_mode:
         check_outputs(args, tensorboard_dir(args))
     corpus = load_data(data_cfg, dist)
@@ -376,8 +373,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
-            print("interrupted: stopped without writing a checkpoint; rerunning the same command resumes "
-                  "from the last one written, if any", file=sys.stderr, flush=True)
+            print("interrupted: exited without writing a checkpoint (the last one written, if any, is "
+                  "intact: rerunning the same command resumes from it)", file=sys.stderr, flush=True)
         return 130
 
 

@@ -130,6 +130,11 @@ def test_other_data_of_the_same_size_is_refused_naming_both(trained, tmp_path, c
     message = refused(argv, capsys, f"--data {other}", f"{folder / 'corpus.txt'}", ckpt)
     assert "is not the data the checkpoint" in message
     assert snapshot(folder) == before
+    if mode == "evaluate":  # on purpose: allowed, with a warning
+        assert "--eval-other-data" in message
+        assert main.main([str(a) for a in argv + ["--eval-other-data"]]) == 0
+        assert "warning: evaluating on --data" in capsys.readouterr().out
+        assert snapshot(folder) == before
 
 
 def test_evaluation_without_the_split_flag_uses_the_stored_split(trained, capsys):

@@ -187,7 +187,8 @@ def test_full_evaluation_on_two_ranks_sums_nll_and_counts(data, single, tmp_path
     from utils import DistInfo
     short = tmp_path / "short.txt"
     short.write_bytes(data.read_bytes()[:60_000])
-    out = run([*TORCHRUN, "main.py", "--data", str(short), "--checkpoint", str(single), "--full-eval-mode"])
+    out = run([*TORCHRUN, "main.py", "--data", str(short), "--checkpoint", str(single), "--full-eval-mode",
+               "--eval-other-data"])
     assert out.returncode == 0, out.stderr[-3000:]
     saved = load(single)
     model = TransformerSeq(ModelConfig(**saved["config"]["model"]))
