@@ -32,12 +32,12 @@ def first_error(path: str) -> str:
     return entries[0][1] if entries else ""
 
 
-def crash_line(failure) -> str:
+def crash_line(rank: int, failure) -> str:
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
     first = str(message).strip().splitlines()[-1] if str(message).strip() else ""
-    return (f"error: rank {failure.rank} failed with exit status {failure.exitcode}"
+    return (f"error: rank {rank} failed with exit status {failure.exitcode}"
             + (f" ({first})" if first and not first.startswith("To enable traceback") else "")
             + "; its output is above")
 
@@ -58,14 +58,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         run(parse_args(sys.argv[1:] if argv is None else argv))
         return 0
     except ChildFailedError as err:
-        _, failure = err.get_first_failure()
+        rank, failure = err.get_first_failure()
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by N
         line = first_error(error_file)
         if line:
             print(line, file=sys.stderr, flush=True)
             return 2
         if code != 130:  # 130: Ctrl-C, rank 0 has said where the checkpoint is
-            print(crash_line(failure), file=sys.stderr, flush=True)
+            print(crash_line(rank, failure), file=sys.stderr, flush=True)
         return code
     except SignalException as err:
         line = first_error(error_file)
