@@ -280,7 +280,7 @@ def prepared(tmp_path):
 
 
 def test_launch_script_ends_with_the_workers_error_line(prepared):
-    out = launch("text8.sh", "--gpus", "2", "--nheads", "0", env=prepared)
+    out = launch("text8.sh", "--gpus", "1", "--nheads", "0", env=prepared)
     assert out.returncode == 2, out.stderr[-2000:]
     err = out.stderr.strip().splitlines()
     assert err[-1] == "error: --nheads must be at least 1, got 0"
