@@ -97,7 +97,7 @@ class StopFlag:
     (the scheduler's stop), 130 after Ctrl-C. A second Ctrl-C more than REPEAT_S seconds
     after the first aborts at once without saving (torchrun forwards the first one to its
     workers within milliseconds: that copy is not a second press)."""
-    REPEAT_S = 1.0
+    REPEAT_S = 3.0
 
     def __init__(self):
         self.requested = False
