@@ -47,9 +47,9 @@ MUTABLE_MODEL = {"dropout", "emb_dropout", "adapt_span_loss", "attn_impl"}
 
 
 EPILOG = """examples:
-  python main.py --data README.md --checkpoint runs/quick.pt --nlayers 2 --hid-sz 64 --niter 10
-  python main.py --checkpoint runs/quick.pt --full-eval-mode      # our checkpoints carry their flags
-  bash scripts/enwik8.sh --dry-run                                 # a published configuration's flags
+  python main.py --data notes.txt --checkpoint runs/notes.pt --nlayers 3 --hid-sz 128 --niter 5
+  python main.py --checkpoint runs/notes.pt --full-eval-mode    # a checkpoint carries its flags
+  bash scripts/enwik8.sh --dry-run                               # a published configuration
 Documentation: README.md and docs/."""
 
 
@@ -234,7 +234,7 @@ class Progress:
     every PROGRESS_EVERY_S seconds when stdout is not a terminal, and one warning on a CPU
     when the first step shows that the iteration would take more than SLOW_ITERATION_S."""
 
-    def __init__(self, args, trainer, dist, log):
+    def __init__(self, trainer, dist, log):
         self.log, self.nb, self.niter = log, trainer.cfg.nbatches, trainer.cfg.niter
         self.plain = dist.is_main and not sys.stdout.isatty()
         self.check_speed = dist.device.type == "cpu"
@@ -268,7 +268,7 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
     nb = trainer.cfg.nbatches
     metrics = MetricsLog(tensorboard_dir(args), dist.is_main)
     stop = StopFlag()
-    progress = Progress(args, trainer, dist, log)
+    progress = Progress(trainer, dist, log)
     if done >= trainer.cfg.niter:
         log(f"nothing to train: {done} iterations done, --niter {trainer.cfg.niter}")
     while done < trainer.cfg.niter:
