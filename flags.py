@@ -118,11 +118,18 @@ def logging_flags(a) -> None:
     a("--vocab-size", type=int, default=0, help="vocabulary size for --dry-run without data")
 
 
-FLAG_GROUPS = [  # (title, function): the groups of --help, in order
-    ("data", data_flags), ("model", model_flags), ("adaptive span", adaptive_span_flags),
-    ("persistent memory", persistent_memory_flags), ("adaptive input/softmax", adaptive_io_flags),
-    ("optimisation", optimisation_flags), ("evaluation", evaluation_flags),
-    ("checkpoints and distribution", checkpoint_flags), ("logging", logging_flags)]
+FLAG_GROUPS = [  # (title, description, function): the groups of --help, in order
+    ("data", "the text to train on (docs/data.md)", data_flags),
+    ("model", "the Transformer: relative-position attention over a cache of past blocks", model_flags),
+    ("adaptive span", "each head learns how far back it attends (Sukhbaatar et al., 2019)",
+     adaptive_span_flags),
+    ("persistent memory", "all-attention layers: learned key/value vectors in every attention layer",
+     persistent_memory_flags),
+    ("adaptive input/softmax", "word-level models with large vocabularies (docs/modules.md)", adaptive_io_flags),
+    ("optimisation", "one step = one block of --block-sz tokens in each of --batch-sz streams", optimisation_flags),
+    ("evaluation", "whole valid and test sets (docs/evaluation.md)", evaluation_flags),
+    ("checkpoints and distribution", "resume, several processes (docs/clusters.md)", checkpoint_flags),
+    ("logging", "what is printed and written (docs/observing.md)", logging_flags)]
 MODEL_GROUPS = ("model", "adaptive span", "persistent memory", "adaptive input/softmax")
 
 
@@ -131,10 +138,10 @@ def add_flag_groups(parser: argparse.ArgumentParser, titles=None, title: str = "
     under its own title, or all of them under ``title``; ``hidden`` parses them without
     listing them in --help. Flags the parser already has are left as they are."""
     single = parser.add_argument_group(title) if title else None
-    for name, add in FLAG_GROUPS:
+    for name, description, add in FLAG_GROUPS:
         if titles is not None and name not in titles:
             continue
-        group = single or (parser if hidden else parser.add_argument_group(name))
+        group = single or (parser if hidden else parser.add_argument_group(name, description))
 
         def a(*names, **kwargs):
             if any(n in parser._option_string_actions for n in names):

@@ -38,7 +38,7 @@ def test_reference_flags_keep_their_defaults():
 def test_help_shows_every_flag_in_its_group_with_a_help_and_its_default():
     parser = main.build_parser()
     text = parser.format_help()
-    titles = [title for title, _ in flags.FLAG_GROUPS]
+    titles = [title for title, _, _ in flags.FLAG_GROUPS]
     positions = [text.index(f"\n{title}:\n") for title in titles]
     assert positions == sorted(positions)  # the groups, in order
     grouped = {a.dest for g in parser._action_groups if g.title in titles for a in g._group_actions}
