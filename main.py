@@ -23,10 +23,11 @@ import flops
 import plots  # matplotlib is imported lazily, only for the spans image
 from checks import check_flag_ranges, check_flags, check_outputs, check_same_data
 from data import DataConfig, data_fingerprint, load_corpus
-from models import ATTN_IMPLS, ModelConfig, TransformerSeq
+from flags import HelpFormatter, add_flag_groups
+from models import ModelConfig, TransformerSeq
 from trainer import TrainConfig, Trainer, build_optimizer, evaluate, to_unit
-from utils import (ConfigError, MetricsLog, StopFlag, barrier, init_distributed, seed_everything, shutdown,
-                   wrap_ddp)
+from utils import (ConfigError, MetricsLog, StopFlag, barrier, init_distributed, previous_path,
+                   seed_everything, shutdown, wrap_ddp)
 
 # flag dest -> ModelConfig field
 MODEL_FLAGS = {"hid_sz": "hidden_size", "inner_hid_sz": "inner_hidden_size", "nlayers": "nlayers",
@@ -46,56 +47,17 @@ TRAIN_FLAGS = {"optim": "optim", "lr": "lr", "momentum": "momentum", "grad_clip"
 MUTABLE_MODEL = {"dropout", "emb_dropout", "adapt_span_loss", "attn_impl"}
 
 
+EPILOG = """examples:
+  python main.py --data notes.txt --checkpoint runs/notes.pt --nlayers 3 --hid-sz 128 --niter 5
+  python main.py --checkpoint runs/notes.pt --full-eval-mode    # a checkpoint carries its flags
+  bash scripts/enwik8.sh --dry-run                               # a published configuration
+Documentation: README.md and docs/."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data", default="data/text8", help="reference-format folder, WikiText folder, or any text file")
-    a("--data-unit", choices=["bpc", "ppl"], default="bpc")
-    a("--data-split", type=float, nargs=3, default=[0.9, 0.05, 0.05], metavar=("TRAIN", "VALID", "TEST"),
-      help="split fractions for a plain text file")
-    a("--hid-sz", type=int, default=256)
-    a("--inner-hid-sz", type=int, default=1024)
-    a("--nlayers", type=int, default=8)
-    a("--block-sz", type=int, default=64)
-    a("--nheads", type=int, default=2)
-    a("--attn-span", type=int, default=32)
-    a("--dropout", type=float, default=0.2)
-    a("--emb-dropout", type=float, default=0.0)
-    a("--lr", type=float, default=0.03)
-    a("--momentum", type=float, default=0.9)
-    a("--optim", choices=["sgd", "adagrad", "adam"], default="sgd")
-    a("--lr-warmup", type=int, default=0)
-    a("--grad-clip", type=float, default=0.0)
-    a("--batch-sz", type=int, default=64, help="global batch, over all ranks")
-    a("--batch-split", type=int, default=1)
-    a("--nbatches", type=int, default=1000, help="steps per iteration")
-    a("--niter", type=int, default=1000, help="total iterations")
-    a("--checkpoint", default="")
-    a("--full-eval-mode", action="store_true")
-    a("--reference-eval", action="store_true", help="the reference's evaluation protocol")
-    a("--adapt-span", action="store_true")
-    a("--adapt-span-loss", type=float, default=0.0)
-    a("--adapt-span-ramp", type=int, default=32)
-    a("--adapt-span-init", type=float, default=0.0)
-    a("--adapt-span-cache", action="store_true")
-    a("--pers-mem-size", type=int, default=0)
-    a("--pers-mem-keep-ff", action="store_true", help="keep the FF sublayer with persistent memory")
-    a("--adapt-io", action="store_true")
-    a("--adapt-io-tied", action="store_true")
-    a("--adapt-io-divval", type=int, default=4)
-    a("--adapt-io-cutoffs", type=int, nargs="+", default=[20000, 40000, 200000])
-    a("--distributed", action="store_true", help="accepted; detected from the launcher's environment")
-    a("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    a("--seed", type=int, default=1111)
-    a("--attn-impl", choices=sorted(ATTN_IMPLS), default=ModelConfig.attn_impl)
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast on CUDA")
-    a("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
-    a("--tensorboard-dir", default="", help="default: <checkpoint>.logs next to the checkpoint")
-    a("--dry-run", action="store_true", help="validate flags, print the parameter count, exit")
-    a("--vocab-size", type=int, default=0, help="vocabulary size for --dry-run without data")
-    a("--eval-other-data", action="store_true", help="with --full-eval-mode: evaluate on other data than the checkpoint's, on purpose")
-    a("--cache-dir", default=None, help="token cache folder (default: $ADAPTIVE_SPAN_CACHE, else $XDG_CACHE_HOME/adaptive-span or ~/.cache/adaptive-span)")
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter,
+                                usage="python main.py [flags]")
+    add_flag_groups(p)  # flags.py: every flag, by group
     return p
 
 
@@ -163,7 +125,8 @@ def dry_run(args, log) -> int:
                                 if Path(args.data).exists() else 0)
     if not vocab:
         raise ConfigError(f"--dry-run needs --vocab-size N when --data {args.data} does not exist")
-    model, model_cfg, _ = build_model(args, vocab, "cpu")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        model, model_cfg, _ = build_model(args, vocab, "meta")
     n = model.num_parameters()
     log(f"model: {model_cfg}")
     log(f"params: {n:,} ({n / 1e6:.2f}M)")
@@ -248,12 +211,52 @@ def log_iteration(args, trainer, model, history, train_nll, val_nll, ms, metrics
             metrics.image(steps, "span/heads_figure", image)
 
 
+PROGRESS_EVERY_S = 60.0  # a plain progress line at least this often when stdout is not a terminal
+SLOW_ITERATION_S = 600.0  # on a CPU, warn when the first iteration would take longer than this
+
+
+class Progress:
+    """What a log file gets while an iteration runs (a terminal has tqdm's bar): a line
+    every PROGRESS_EVERY_S seconds when stdout is not a terminal, and one warning on a CPU
+    when the first step shows that the iteration would take more than SLOW_ITERATION_S."""
+
+    def __init__(self, trainer, dist, log):
+        self.log, self.nb, self.niter = log, trainer.cfg.nbatches, trainer.cfg.niter
+        self.plain = dist.is_main and not sys.stdout.isatty()
+        self.check_speed = dist.device.type == "cpu"
+        self.last = time.time()
+
+    def step(self, trainer, iteration: int, start: float, steps_run: int) -> None:
+        now = time.time()
+        per_step = (now - start) / steps_run  # s
+        left = (self.nb - trainer.iter_step) * per_step  # s to the end of this iteration
+        if self.check_speed:
+            self.check_speed = False
+            if left + per_step > SLOW_ITERATION_S:
+                self.log(f"warning: training on a CPU: the first step took {per_step:.1f} s, so this "
+                         f"iteration ({self.nb} steps) ends in about {format_duration(left)}; the "
+                         "published configurations (scripts/*.sh) are meant for GPUs")
+        if self.plain and now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self.log(f"progress: iteration {iteration} step {trainer.iter_step}/{self.nb} (step {trainer.step} "
+                     f"overall), {per_step * 1000:.0f} ms/step, the iteration ends in about {format_duration(left)}")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
     history = ckpt["logger"] if ckpt else {}
     done = ckpt["iter_no"] + 1 if ckpt else 0
     nb = trainer.cfg.nbatches
     metrics = MetricsLog(tensorboard_dir(args), dist.is_main)
     stop = StopFlag()
+    progress = Progress(trainer, dist, log)
+    if done >= trainer.cfg.niter:
+        log(f"nothing to train: {done} iterations done, --niter {trainer.cfg.niter}")
     while done < trainer.cfg.niter:
         start, steps_run, norms = time.time(), 0, []
         bar = tqdm(total=nb, initial=trainer.iter_step, desc=f"iter {done}", leave=False,
@@ -264,6 +267,7 @@ def train(args, trainer, model, corpus, model_cfg, ckpt, dist, log) -> int:
             if math.isfinite(result["grad_norm"]):
                 norms.append(result["grad_norm"])
             bar.update(1)
+            progress.step(trainer, done, start, steps_run)
             if trainer.nonfinite_in_row >= trainer.cfg.max_nonfinite:
                 bar.close()
                 raise ConfigError(f"{trainer.nonfinite_in_row} steps in a row had a non-finite loss or "
@@ -336,6 +340,7 @@ def run(argv=None) -> int:
         trainer.load_state_dict(ckpt, log)
         if dist.is_main:
             ckpt_io.set_aside_unreadable(ckpt, Path(args.checkpoint), log)
+        log(resumed_line(args.checkpoint, trainer, ckpt))
     with StopFlag.restoring():
         code = train(args, trainer, model, corpus, model_cfg, ckpt, dist, log)
     shutdown(dist)
@@ -349,6 +354,13 @@ def load_data(data_cfg: DataConfig, dist):
     if not dist.is_main:
         corpus = load_corpus(data_cfg)
     return corpus
+
+
+def resumed_line(path: str, trainer: Trainer, ckpt: dict) -> str:
+    """Which file the run resumed from (the latest, or ``.prev`` when the latest was set
+    aside as unreadable) and where it continues: the step count and the iteration it is in."""
+    source = Path(path) if Path(path).exists() else previous_path(Path(path))
+    return f"resumed from {source} at step {trainer.step} (iteration {ckpt['iter_no'] + 1})"
 
 
 def check_resume(ckpt: dict, train_cfg: TrainConfig, args) -> None:

@@ -344,15 +344,17 @@ def enwik8_section(args, repeats: int) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flags import HelpFormatter  # the help layout of main.py: every flag with its default
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="B=1, M=256 layer cases, fewer repeats")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to time")
     p.add_argument("--config", choices=["none", "enwik8"], default="none",
                    help="with --device cuda: also time the enwik8 model (bf16 autocast)")
-    p.add_argument("--spans", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--skip-layer", action="store_true")
-    p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--spans", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="maximum spans L to time")
+    p.add_argument("--skip-layer", action="store_true", help="skip the one-layer cases")
+    p.add_argument("--skip-model", action="store_true", help="skip the medium-model training step")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)

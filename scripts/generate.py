@@ -16,6 +16,7 @@ Like the training streams, the caches start as zeros. The prompt and the sample
 are printed decoded (bytes, enwik8 bytes, text8 characters with ``_`` as a space,
 or words); the speed goes to stderr. Model flags are those of main.py.
 """
+import argparse
 import codecs
 import sys
 import time
@@ -28,6 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoint as ckpt_io  # noqa: E402
+import flags  # noqa: E402
 import main as entry  # noqa: E402
 from data import EOS, DataConfig, Vocab, load_corpus  # noqa: E402
 from models import TransformerSeq  # noqa: E402
@@ -35,14 +37,21 @@ from utils import ConfigError  # noqa: E402
 
 
 def build_parser():
-    p = entry.build_parser()
-    p.description = __doc__
-    p.add_argument("--prompt", default="", help="text to continue (default: start after an <eos>)")
-    p.add_argument("--length", type=int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (one-token steps are too small to gain from more; 0: torch's default)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter,
+                                usage="python scripts/generate.py --checkpoint PATH [flags]")
+    own = p.add_argument_group("generation")
+    own.add_argument("--checkpoint", default="", help="the model: our checkpoint, or a reference one with its flags")
+    own.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: start after an <eos>)")
+    own.add_argument("--length", type=int, default=200, help="tokens to generate")
+    own.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
+    own.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    own.add_argument("--seed", type=int, default=1111, help="random seed of the sampling")
+    own.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
+    own.add_argument("--threads", type=int, default=1,
+                     help="CPU threads (one-token steps are too small to gain from more; 0: torch's default)")
+    title = "model (main.py's flags; only for a reference checkpoint: ours carry their configuration)"
+    flags.add_flag_groups(p, ("data",) + flags.MODEL_GROUPS, title=title)
+    flags.add_flag_groups(p, hidden=True)  # the training flags: parsed, not listed
     return p
 
 

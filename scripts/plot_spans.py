@@ -96,7 +96,8 @@ def plot_flops(logdir: Path, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flags import HelpFormatter  # the help layout of main.py: every flag with its default
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="checkpoint (ours or the reference's)")
     p.add_argument("--flops", metavar="LOGDIR", help="draw the FLOPs per step of a run instead")
     p.add_argument("-o", "--output", help="PNG file (default: <checkpoint stem>_spans.png or flops.png)")

@@ -9,9 +9,9 @@ import pytest
 import data
 from data import (EOS, DataConfig, Stream, Vocab, batchify, eval_rows, load_corpus, sort_by_frequency,
                   tokenize_splits)
+from datagen import fixture_folder
 from utils import ConfigError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def reference_tokenize(paths):
@@ -55,9 +55,7 @@ def test_tokenize_matches_reference_rule(tmp_path, texts):
 
 @pytest.mark.parametrize("fixture", ["F1-text8-span", "F2-enwik8-pers-span"])
 def test_fixture_vocabulary_is_the_references(fixture):
-    folder = SHARED / "fixtures" / fixture
-    if not folder.is_dir():
-        pytest.skip("shared data not available")
+    folder = fixture_folder(fixture)  # read only: tokenize_splits writes no cache
     expected = json.loads((folder / "expected.json").read_text())
     paths = {name: folder / "data" / f"{name}.txt" for name in data.SPLITS}
     vocab, ids = tokenize_splits(paths)

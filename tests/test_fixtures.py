@@ -1,26 +1,29 @@
 """Checkpoints written by the reference implementation, with the scores it printed for them."""
 import json
 import re
-from pathlib import Path
+import shutil
 
 import pytest
 import torch
 
 import main
 from checkpoint import load_checkpoint, load_model_state
+from datagen import fixture_folder
 from models import ATTN_IMPLS
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fixtures"
 NAMES = ["F1-text8-span", "F2-enwik8-pers-span", "F4-text8-varied-spans"]
 
 
-def fixture(name):
-    folder = FIXTURES / name
-    if not folder.is_dir():
-        pytest.skip("shared fixtures not available")
-    expected = json.loads((folder / "expected.json").read_text())
-    data = (folder / expected.get("data", "data")).resolve()
-    return folder, expected, data
+@pytest.fixture
+def fixture(reference_data):
+    """name -> (fixture folder, expected.json, a writable copy of its data); skips, naming
+    ../shared/data/fixtures, when the fixtures are absent."""
+    def get(name):
+        folder = fixture_folder(name)
+        expected = json.loads((folder / "expected.json").read_text())
+        _, data = reference_data(name, expected.get("data", "data"))
+        return folder, expected, data
+    return get
 
 
 def build(folder, expected, data, *extra):
@@ -32,9 +35,11 @@ def build(folder, expected, data, *extra):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_reference_eval_reproduces_the_printed_scores(name, capsys):
+def test_reference_eval_reproduces_the_printed_scores(name, capsys, fixture, tmp_path):
     folder, expected, data = fixture(name)
-    argv = expected["flags"].split() + ["--data", str(data), "--checkpoint", str(folder / "checkpoint.pt"),
+    ckpt = tmp_path / "checkpoint.pt"
+    shutil.copyfile(folder / "checkpoint.pt", ckpt)
+    argv = expected["flags"].split() + ["--data", str(data), "--checkpoint", str(ckpt),
                                         "--full-eval-mode", "--batch-sz", "8", "--reference-eval"]
     assert main.main(argv) == 0
     out = capsys.readouterr().out
@@ -47,7 +52,7 @@ def test_reference_eval_reproduces_the_printed_scores(name, capsys):
 @pytest.mark.parametrize("impl", sorted(ATTN_IMPLS))
 @pytest.mark.parametrize("name", NAMES)
 @torch.no_grad()
-def test_per_token_log_probabilities_match(name, impl):
+def test_per_token_log_probabilities_match(name, impl, fixture):
     folder, expected, data = fixture(name)
     model = build(folder, expected, data, "--attn-impl", impl)
     stream = expected["stream"]
@@ -65,7 +70,7 @@ def test_per_token_log_probabilities_match(name, impl):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_spans_and_state_dict_names(name):
+def test_spans_and_state_dict_names(name, fixture):
     folder, expected, data = fixture(name)
     model = build(folder, expected, data)
     spans = [torch.tensor(v) for v in expected["spans_current_val"]]
@@ -77,7 +82,7 @@ def test_spans_and_state_dict_names(name):
     assert ours == {k for k in theirs if "persistent_memory.adaptive_span" not in k}
 
 
-def test_reference_checkpoint_resumes_training(tmp_path):
+def test_reference_checkpoint_resumes_training(tmp_path, fixture):
     folder, expected, data = fixture("F1-text8-span")
     ckpt = tmp_path / "ref.pt"
     ckpt.write_bytes((folder / "checkpoint.pt").read_bytes())

@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import attention  # noqa: E402
+import datagen  # noqa: E402
 import flops  # noqa: E402
 import main as entry  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
 
-SHARED = ROOT / ".." / "shared" / "data"
 
 
 def set_spans(model: TransformerSeq, values) -> None:
@@ -151,11 +151,8 @@ def test_format_and_metrics():
 
 
 def test_training_log_has_flops_grad_norm_and_layer_spans(tmp_path, capsys):
-    text = SHARED / "shakespeare" / "input.txt"
-    if not text.exists():
-        pytest.skip(f"shared data absent: {text}")
     data = tmp_path / "tiny.txt"
-    data.write_bytes(text.read_bytes()[:20000])
+    data.write_bytes(datagen.english(20000))
     logs = tmp_path / "logs"
     code = entry.main(["--data", str(data), "--nlayers", "2", "--hid-sz", "16", "--inner-hid-sz", "32",
                        "--nheads", "2", "--attn-span", "128", "--block-sz", "16", "--batch-sz", "2",

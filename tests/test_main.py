@@ -1,10 +1,9 @@
-"""End-to-end runs of main.py on real text, and its handling of bad input."""
+"""End-to-end runs of main.py on generated text (tests/datagen.py), and its handling of bad input."""
 import os
 import re
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,11 @@ import torch
 import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT / ".." / "shared" / "data"
 TINY = ("--nlayers 2 --hid-sz 32 --inner-hid-sz 64 --nheads 2 --attn-span 64 --block-sz 32 --batch-sz 8 "
         "--optim adagrad --lr 0.07 --momentum 0 --grad-clip 0.03 --dropout 0 --adapt-span "
         "--adapt-span-loss 2e-6 --adapt-span-cache --nbatches 20").split()
 LOG = re.compile(r"^steps: (\d+) train: ([\d.]+)bpc val: ([\d.]+)bpc ms/batch: [\d.]+ "
                  r"span_avg: [\d.]+ span_max: \d+", re.M)
-
-
-@pytest.fixture(scope="module")
-def enwik8_file(tmp_path_factory):
-    archive = SHARED / "enwik8-4M" / "enwik8.zip"
-    if not archive.is_file():
-        pytest.skip("shared data not available")
-    path = tmp_path_factory.mktemp("enwik8") / "enwik8-600k.txt"
-    with zipfile.ZipFile(archive) as z:
-        path.write_bytes(z.read("enwik8")[:600_000])
-    return path
 
 
 def run(*argv, check=True):
@@ -83,16 +70,14 @@ def test_bad_flags_and_data_are_one_clear_line(tmp_path, capsys):
     assert "--full-eval-mode needs --checkpoint" in error_of(["--full-eval-mode"], capsys)
 
 
-def test_mismatched_reference_checkpoint_is_an_error_and_is_not_overwritten(tmp_path, capsys):
-    fixture = SHARED / "fixtures" / "F1-text8-span"
-    if not fixture.is_dir():
-        pytest.skip("shared fixtures not available")
+def test_mismatched_reference_checkpoint_is_an_error_and_is_not_overwritten(tmp_path, capsys, reference_data):
+    fixture, data = reference_data("F1-text8-span")
     ckpt = tmp_path / "ref.pt"
     shutil.copy(fixture / "checkpoint.pt", ckpt)
     before = ckpt.read_bytes()
     flags = (fixture / "flags.txt").read_text().split()
     flags[flags.index("--hid-sz") + 1] = "32"
-    message = error_of(flags + ["--data", fixture / "data", "--checkpoint", ckpt], capsys)
+    message = error_of(flags + ["--data", data, "--checkpoint", ckpt], capsys)
     assert "does not match the model" in message and "pass the flags it was trained with" in message
     assert ckpt.read_bytes() == before
 
@@ -110,26 +95,6 @@ def test_dry_run_prints_the_parameter_count(capsys):
             "--attn-span 8192 --adapt-span --adapt-span-cache").split()
     assert main.main(argv) == 0
     assert "(38.54M)" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def wikitext_folder(tmp_path_factory):
-    """WikiText-2 test text cut 80/10/10 into wiki.*.tokens, words seen once replaced by <unk>."""
-    source = SHARED / "wikitext-2" / "wiki.test.raw"
-    if not source.is_file():
-        pytest.skip("shared data not available")
-    lines = source.read_text(encoding="utf-8").split("\n")
-    a, b = int(len(lines) * 0.8), int(len(lines) * 0.9)
-    counts = {}
-    for line in lines[:a]:
-        for w in line.split():
-            counts[w] = counts.get(w, 0) + 1
-    folder = tmp_path_factory.mktemp("wikitext")
-    for name, part in (("train", lines[:a]), ("valid", lines[a:b]), ("test", lines[b:])):
-        text = "\n".join(" ".join(w if counts.get(w, 0) > 1 else "<unk>" for w in line.split(" "))
-                         for line in part)
-        (folder / f"wiki.{name}.tokens").write_text(text + "\n", encoding="utf-8")
-    return folder
 
 
 def test_word_level_adaptive_io_learns_and_reports_perplexity(wikitext_folder, tmp_path):
@@ -154,9 +119,10 @@ def test_word_level_adaptive_io_learns_and_reports_perplexity(wikitext_folder, t
     assert [name for name, _, _ in found] == ["val", "test"]
 
 
-def test_all_attention_model_learns_and_resumes(enwik8_file, tmp_path):
+def test_all_attention_model_learns_and_resumes(enwik8_folder, tmp_path):
+    """On a reference-format folder (enwik8 bytes as decimal tokens)."""
     ckpt = tmp_path / "pers.pt"
-    flags = [*TINY, "--pers-mem-size", 32, "--inner-hid-sz", 1, "--checkpoint", ckpt, "--data", enwik8_file]
+    flags = [*TINY, "--pers-mem-size", 32, "--inner-hid-sz", 1, "--checkpoint", ckpt, "--data", enwik8_folder]
     lines = LOG.findall(run(*flags, "--niter", 2).stdout)
     assert len(lines) == 2 and float(lines[1][1]) < float(lines[0][1])
     state = torch.load(ckpt, weights_only=True)["model"]

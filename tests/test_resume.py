@@ -1,10 +1,10 @@
 """Exact resume, signals, corrupt checkpoints, fine-tuning and non-finite steps of main.py.
 
-Every test runs the real main.py as a subprocess on a tiny model and the first 200 KB of
-the shakespeare file (byte level, split 90/5/5), and compares what the checkpoints hold
-(the logged history at full precision and the weights) with one uninterrupted run. On
-CPU with one thread a resumed run must reproduce it bitwise: dropout is on, so the
-random states must be restored too.
+Every test runs the real main.py as a subprocess on a tiny model and 200 KB of generated
+English-like text (tests/conftest.py; byte level, split 90/5/5), and compares what the
+checkpoints hold (the logged history at full precision and the weights) with one
+uninterrupted run. On CPU with one thread a resumed run must reproduce it bitwise:
+dropout is on, so the random states must be restored too.
 """
 import hashlib
 import os

@@ -19,11 +19,11 @@ import generate  # noqa: E402
 import plot_spans  # noqa: E402
 import plots  # noqa: E402
 from data import Vocab  # noqa: E402
+from datagen import FIXTURES, fixture_folder  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
 from trainer import TrainConfig  # noqa: E402
 
-SHARED = ROOT / ".." / "shared" / "data"
-F4 = SHARED / "fixtures" / "F4-text8-varied-spans"
+F4 = FIXTURES / "F4-text8-varied-spans"
 F4_CONFIG = dict(vocab_size=28, hidden_size=64, inner_hidden_size=256, nlayers=2, nheads=4, attn_span=256,
                  dropout=0.0, adapt_span=True, adapt_span_cache=True)
 F4_FLAGS = ["--nlayers", "2", "--hid-sz", "64", "--inner-hid-sz", "256", "--nheads", "4", "--attn-span", "256",
@@ -41,8 +41,7 @@ def one_thread():
 
 
 def need(path: Path) -> None:
-    if not path.exists():
-        pytest.skip(f"shared data absent: {path}")
+    fixture_folder(path.relative_to(FIXTURES).parts[0])  # skips, naming the folder, when absent
 
 
 @pytest.fixture(scope="module")
