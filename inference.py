@@ -43,20 +43,22 @@ class WindowGroup:
     start: int
     stop: int
     window: int
-    pe: torch.Tensor  # (D, 2W): the window's position embeddings, twice
+    pe: torch.Tensor  # (D, 2W): the window's position embeddings, twice (shared by layers)
     mask: Optional[torch.Tensor]  # (G, 1, 2W): the span mask over the window, twice
-    pers_key: Optional[torch.Tensor]  # (G, N, D), scaled as used
+    pers_key: Optional[torch.Tensor]  # (G, D, N), scaled as used
     pers_val: Optional[torch.Tensor]  # (G, N, D), scaled as used
-    keys: Optional[torch.Tensor] = None  # (B, G, N+W, D): persistent rows, then the ring
-    values: Optional[torch.Tensor] = None  # (B, G, N+W, D)
+    keys: Optional[torch.Tensor] = None  # (B, G, D, N+W): persistent columns, then the ring
+    values: Optional[torch.Tensor] = None  # (B, G, N+W, D): persistent rows, then the ring
 
 
 @dataclass
 class LayerPlan:
-    """One layer's fused, head-permuted weights and its window groups."""
-    layer: TransformerSeqLayer
-    w_qkv: torch.Tensor  # (3H, H): query rows pre-scaled by 1/sqrt(D), then key, value rows
-    w_out: torch.Tensor  # (H, H): input columns in group order
+    """One layer's weights, transposed for row-vector products (x @ w), and its groups."""
+    w_qkv: torch.Tensor  # (H, 3H): query columns pre-scaled by 1/sqrt(D), key, value; group order
+    w_out: torch.Tensor  # (H, H): input rows in group order
+    norm1: torch.nn.LayerNorm
+    ff: Optional[tuple]  # (w1 (H, I), b1 (I,), w2 (I, H), b2 (H,)) or None
+    norm2: Optional[torch.nn.LayerNorm]
     groups: List[WindowGroup]
     npers: int
 
@@ -77,32 +79,43 @@ def _permute_heads(weight: torch.Tensor, order: List[int], dim: int, K: int) -> 
     return weight.view(H, K, H // K)[:, order].reshape(H, H)  # (H, H)
 
 
-def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer) -> LayerPlan:
-    cfg = model.cfg
-    K, D, L = cfg.nheads, cfg.head_dim, cfg.attn_span
+def _doubled_pe(model: TransformerSeq, window: int, shared: dict) -> torch.Tensor:
+    """(D, 2W): the last W columns of key_pe, twice; one copy per window for all layers."""
+    if window not in shared:
+        pe = model.key_pe[0, :, model.cfg.attn_span - window:]  # (D, W)
+        shared[window] = torch.cat([pe, pe], -1).contiguous()  # (D, 2W)
+    return shared[window]
+
+
+def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer, shared_pe: dict) -> LayerPlan:
+    K, D = model.cfg.nheads, model.cfg.head_dim
     groups, order = group_heads(layer_windows(model, layer))
     attn = layer.attn
     w_q = _permute_heads(attn.proj_query.weight, order, 0, K) / math.sqrt(D)  # (H, H)
     w_k = _permute_heads(attn.proj_key.weight, order, 0, K)  # (H, H)
     w_v = _permute_heads(attn.proj_val.weight, order, 0, K)  # (H, H)
-    w_qkv = torch.cat([w_q, w_k, w_v]).contiguous()  # (3H, H)
-    w_out = _permute_heads(attn.proj_out.weight, order, 1, K).contiguous()  # (H, H)
+    w_qkv = torch.cat([w_q, w_k, w_v]).t().contiguous()  # (H, 3H)
+    w_out = _permute_heads(attn.proj_out.weight, order, 1, K).t().contiguous()  # (H, H)
     span, pers = layer.span, attn.attn.persistent_memory
     plans, start = [], 0
     for window, members in groups:
         stop = start + (len(members) if isinstance(members, list) else members.stop - members.start)
         heads = order[start:stop]
-        pe = model.key_pe[0, :, L - window:]  # (D, W)
         mask = span.mask(window)[heads] if span is not None else None  # (G, 1, W)
         pers_key = pers_val = None
         if pers is not None:
-            pers_key = (pers.key[heads] * math.sqrt(D)).transpose(1, 2).contiguous()  # (G, N, D)
+            pers_key = (pers.key[heads] * math.sqrt(D)).contiguous()  # (G, D, N)
             pers_val = (pers.val[heads] * math.sqrt(pers.size)).contiguous()  # (G, N, D)
-        plans.append(WindowGroup(start, stop, window, torch.cat([pe, pe], -1).contiguous(),  # (D, 2W)
+        plans.append(WindowGroup(start, stop, window, _doubled_pe(model, window, shared_pe),
                                  torch.cat([mask, mask], -1).contiguous() if mask is not None else None,
                                  pers_key, pers_val))
         start = stop
-    return LayerPlan(layer, w_qkv, w_out, plans, pers.size if pers is not None else 0)
+    ff = None
+    if layer.ff is not None:
+        fc1, fc2 = layer.ff.fc1, layer.ff.fc2
+        ff = (fc1.weight.t().contiguous(), fc1.bias, fc2.weight.t().contiguous(), fc2.bias)
+    return LayerPlan(w_qkv, w_out, layer.norm1, ff, layer.norm2, plans,
+                     pers.size if pers is not None else 0)
 
 
 class KVCache:
@@ -115,8 +128,9 @@ class KVCache:
         if model.training:
             raise ValueError("KVCache needs the model in eval mode (fixed weights, no dropout)")
         self.model = model
+        shared_pe = {}
         with torch.no_grad():
-            self.plans = [plan_layer(model, layer) for layer in model.layers]
+            self.plans = [plan_layer(model, layer, shared_pe) for layer in model.layers]
         self.position = 0  # positions seen so far, the next one's index
 
     def memory_bytes(self) -> int:
@@ -147,18 +161,22 @@ class KVCache:
         """Rings of one layer from its last C cached inputs ``hidden`` (B0, C, H), C >= W."""
         B0, C, H = hidden.shape
         N, D = plan.npers, H // self.model.cfg.nheads
-        w_k, w_v = plan.w_qkv[H:2 * H], plan.w_qkv[2 * H:]  # (H, H) each
+        w_k, w_v = plan.w_qkv[:, H:2 * H], plan.w_qkv[:, 2 * H:]  # (H, H) each
         for g in plan.groups:
             W, G = g.window, g.stop - g.start
             recent = hidden[:, C - W:]  # (B0, W, H): positions P-W .. P-1
-            g.keys = hidden.new_empty(B, G, N + W, D)  # (B, G, N+W, D)
+            proj = []
+            for w in (w_k, w_v):
+                x = torch.matmul(recent, w[:, g.start * D:g.stop * D])  # (B0, W, G*D)
+                x = x.view(B0, W, G, D).transpose(1, 2)  # (B0, G, W, D)
+                proj.append(torch.roll(x, P % W, dims=2))  # (B0, G, W, D): p in slot p mod W
+            g.keys = hidden.new_empty(B, G, D, N + W)  # (B, G, D, N+W)
             g.values = hidden.new_empty(B, G, N + W, D)  # (B, G, N+W, D)
-            for ring, w, pers in ((g.keys, w_k, g.pers_key), (g.values, w_v, g.pers_val)):
-                proj = F.linear(recent, w[g.start * D:g.stop * D])  # (B0, W, G*D)
-                proj = proj.view(B0, W, G, D).transpose(1, 2)  # (B0, G, W, D)
-                ring[:, :, N:] = torch.roll(proj, P % W, dims=2)  # (B, G, W, D): p in slot p mod W
-                if pers is not None:
-                    ring[:, :, :N] = pers  # (B, G, N, D)
+            g.keys[..., N:] = proj[0].transpose(2, 3)  # (B, G, D, W)
+            g.values[:, :, N:] = proj[1]  # (B, G, W, D)
+            if N:
+                g.keys[..., :N] = g.pers_key  # (B, G, D, N)
+                g.values[:, :, :N] = g.pers_val  # (B, G, N, D)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -168,21 +186,29 @@ class KVCache:
         for plan in self.plans:
             h = self._layer(plan, h)  # (B, H)
         self.position += 1
-        return self.model.output(h.view(B, 1, -1), None).view(B, -1)  # (B, V)
+        return self._output(h)  # (B, V)
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, V) of the next token from the last layer's h (B, H)."""
+        if self.model.cfg.adapt_io:
+            return self.model.output(h.unsqueeze(1), None).squeeze(1)  # (B, V)
+        out = self.model.out_emb
+        return F.log_softmax(F.linear(h, out.weight, out.bias), dim=-1)  # (B, V)
 
     def _layer(self, plan: LayerPlan, h: torch.Tensor) -> torch.Tensor:
         """One layer at one position: h (B, H) -> (B, H)."""
         B, H = h.shape
         K = self.model.cfg.nheads
-        qkv = F.linear(h, plan.w_qkv).view(B, 3, K, H // K)  # (B, 3, K, D)
+        qkv = torch.mm(h, plan.w_qkv).view(B, 3, K, H // K)  # (B, 3, K, D)
         q, k, v = qkv.unbind(1)  # (B, K, D) each
         outs = [self._attend(g, q, k, v, plan.npers) for g in plan.groups]  # (B, G, D) each
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (B, K, D) in group order
-        out = F.linear(out.reshape(B, H), plan.w_out)  # (B, H)
-        layer = plan.layer
-        h = layer.norm1(h + out)  # (B, H)
-        if layer.ff is not None:
-            h = layer.norm2(h + layer.ff(h))  # (B, H)
+        h = torch.addmm(h, out.reshape(B, H), plan.w_out)  # (B, H): h + attention
+        h = plan.norm1(h)  # (B, H)
+        if plan.ff is not None:
+            w1, b1, w2, b2 = plan.ff
+            inner = torch.addmm(b1, h, w1).relu_()  # (B, I)
+            h = plan.norm2(torch.addmm(h + b2, inner, w2))  # (B, H)
         return h
 
     def _attend(self, g: WindowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -193,13 +219,18 @@ class KVCache:
         r = self.position % W
         cols = slice(W - r, 2 * W - r)  # model window columns of slots 0 .. W-1
         qg = q[:, g.start:g.stop].reshape(B * G, 1, D)  # (BG, 1, D)
-        logits = torch.bmm(qg, g.keys.view(B * G, N + W, D).transpose(1, 2))  # (BG, 1, N+W)
-        logits[:, :, N:] += torch.matmul(qg, g.pe[:, cols])  # (BG, 1, W)
+        keys = g.keys.view(B * G, D, N + W)  # (BG, D, N+W)
+        pe_logits = torch.matmul(qg, g.pe[:, cols])  # (BG, 1, W)
+        if N:
+            logits = torch.bmm(qg, keys)  # (BG, 1, N+W)
+            logits[:, :, N:] += pe_logits  # (BG, 1, W)
+        else:
+            logits = torch.baddbmm(pe_logits, qg, keys)  # (BG, 1, W)
         probs = torch.softmax(logits, dim=-1)  # (BG, 1, N+W)
         if g.mask is not None:
             probs.view(B, G, 1, N + W)[..., N:] *= g.mask[:, :, cols]  # (B, G, 1, W)
-            probs = probs / (probs.sum(-1, keepdim=True) + 1e-8)  # (BG, 1, N+W)
+            probs /= probs.sum(-1, keepdim=True) + 1e-8  # (BG, 1, N+W)
         out = torch.bmm(probs, g.values.view(B * G, N + W, D))  # (BG, 1, D)
-        g.keys[:, :, N + r] = k[:, g.start:g.stop]  # (B, G, D)
+        g.keys[..., N + r] = k[:, g.start:g.stop]  # (B, G, D)
         g.values[:, :, N + r] = v[:, g.start:g.stop]  # (B, G, D)
         return out.view(B, G, D)
