@@ -203,12 +203,15 @@ class KVCache:
         q, k, v = qkv.unbind(1)  # (B, K, D) each
         outs = [self._attend(g, q, k, v, plan.npers) for g in plan.groups]  # (B, G, D) each
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (B, K, D) in group order
-        h = torch.addmm(h, out.reshape(B, H), plan.w_out)  # (B, H): h + attention
-        h = plan.norm1(h)  # (B, H)
+        h = torch.addmm(h, out.view(B, H), plan.w_out)  # (B, H): h + attention
+        norm = plan.norm1
+        h = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)  # (B, H)
         if plan.ff is not None:
             w1, b1, w2, b2 = plan.ff
             inner = torch.addmm(b1, h, w1).relu_()  # (B, I)
-            h = plan.norm2(torch.addmm(h + b2, inner, w2))  # (B, H)
+            h = torch.addmm(h + b2, inner, w2)  # (B, H): h + feed-forward
+            norm = plan.norm2
+            h = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)  # (B, H)
         return h
 
     def _attend(self, g: WindowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -217,20 +220,20 @@ class KVCache:
         position's key and value replace the farthest one in the ring."""
         B, G, D, W = q.size(0), g.stop - g.start, q.size(2), g.window
         r = self.position % W
-        cols = slice(W - r, 2 * W - r)  # model window columns of slots 0 .. W-1
-        qg = q[:, g.start:g.stop].reshape(B * G, 1, D)  # (BG, 1, D)
+        qg = q.narrow(1, g.start, G).reshape(B * G, D)  # (BG, D)
+        pe_logits = torch.mm(qg, g.pe.narrow(1, W - r, W))  # (BG, W): slots 0 .. W-1
+        qg = qg.view(B * G, 1, D)  # (BG, 1, D)
         keys = g.keys.view(B * G, D, N + W)  # (BG, D, N+W)
-        pe_logits = torch.matmul(qg, g.pe[:, cols])  # (BG, 1, W)
         if N:
-            logits = torch.bmm(qg, keys)  # (BG, 1, N+W)
-            logits[:, :, N:] += pe_logits  # (BG, 1, W)
+            logits = torch.bmm(qg, keys).view(B * G, N + W)  # (BG, N+W)
+            logits.narrow(1, N, W).add_(pe_logits)  # (BG, W)
         else:
-            logits = torch.baddbmm(pe_logits, qg, keys)  # (BG, 1, W)
-        probs = torch.softmax(logits, dim=-1)  # (BG, 1, N+W)
+            logits = torch.baddbmm(pe_logits.view(B * G, 1, W), qg, keys).view(B * G, W)  # (BG, W)
+        probs = torch.softmax(logits, dim=-1)  # (BG, N+W)
         if g.mask is not None:
-            probs.view(B, G, 1, N + W)[..., N:] *= g.mask[:, :, cols]  # (B, G, 1, W)
-            probs /= probs.sum(-1, keepdim=True) + 1e-8  # (BG, 1, N+W)
-        out = torch.bmm(probs, g.values.view(B * G, N + W, D))  # (BG, 1, D)
-        g.keys[..., N + r] = k[:, g.start:g.stop]  # (B, G, D)
-        g.values[:, :, N + r] = v[:, g.start:g.stop]  # (B, G, D)
+            probs.view(B, G, N + W).narrow(2, N, W).mul_(g.mask.narrow(2, W - r, W).view(G, W))  # (B, G, W)
+            probs.div_(probs.sum(-1, keepdim=True).add_(1e-8))  # (BG, N+W)
+        out = torch.bmm(probs.view(B * G, 1, N + W), g.values.view(B * G, N + W, D))  # (BG, 1, D)
+        g.keys.select(3, N + r).copy_(k.narrow(1, g.start, G))  # (B, G, D)
+        g.values.select(2, N + r).copy_(v.narrow(1, g.start, G))  # (B, G, D)
         return out.view(B, G, D)
