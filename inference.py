@@ -44,11 +44,11 @@ class WindowGroup:
     stop: int
     window: int
     pe: torch.Tensor  # (D, 2W): the window's position embeddings, twice (shared by layers)
-    mask: Optional[torch.Tensor]  # (G, 1, 2W): the span mask over the window, twice
+    mask: Optional[torch.Tensor]  # (G, 2W): the span mask over the window, twice
     pers_key: Optional[torch.Tensor]  # (G, D, N), scaled as used
     pers_val: Optional[torch.Tensor]  # (G, N, D), scaled as used
-    keys: Optional[torch.Tensor] = None  # (B, G, D, N+W): persistent columns, then the ring
-    values: Optional[torch.Tensor] = None  # (B, G, N+W, D): persistent rows, then the ring
+    keys: Optional[torch.Tensor] = None  # (BG, D, N+W) view of the layer's keys: persistent, ring
+    values: Optional[torch.Tensor] = None  # (BG, N+W, D) view of the layer's values: persistent, ring
 
 
 @dataclass
@@ -61,6 +61,10 @@ class LayerPlan:
     norm2: Optional[torch.nn.LayerNorm]
     groups: List[WindowGroup]
     npers: int
+    keys: Optional[torch.Tensor] = None  # (D, S): every group's (b, head, N+W) columns, S in all
+    values: Optional[torch.Tensor] = None  # (S, D): the same rows
+    ring_base: Optional[torch.Tensor] = None  # (BK,): column of slot 0 of every (b, head)
+    ring_size: Optional[torch.Tensor] = None  # (BK,): its window W
 
 
 def layer_windows(model: TransformerSeq, layer: TransformerSeqLayer) -> List[int]:
@@ -107,7 +111,7 @@ def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer, shared_pe: dic
             pers_key = (pers.key[heads] * math.sqrt(D)).contiguous()  # (G, D, N)
             pers_val = (pers.val[heads] * math.sqrt(pers.size)).contiguous()  # (G, N, D)
         plans.append(WindowGroup(start, stop, window, _doubled_pe(model, window, shared_pe),
-                                 torch.cat([mask, mask], -1).contiguous() if mask is not None else None,
+                                 torch.cat([mask, mask], -1).view(len(heads), -1) if mask is not None else None,
                                  pers_key, pers_val))
         start = stop
     ff = None
@@ -116,6 +120,15 @@ def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer, shared_pe: dic
         ff = (fc1.weight.t().contiguous(), fc1.bias, fc2.weight.t().contiguous(), fc2.bias)
     return LayerPlan(w_qkv, w_out, layer.norm1, ff, layer.norm2, plans,
                      pers.size if pers is not None else 0)
+
+
+def _ring(recent: torch.Tensor, weight: torch.Tensor, g: WindowGroup, D: int, P: int) -> torch.Tensor:
+    """Keys or values (``weight`` (H, H), head columns in group order) of the group's heads
+    at positions P-W .. P-1 from ``recent`` (B0, W, H) -> (B0, G, W, D), p in slot p mod W."""
+    B0, W, _ = recent.shape
+    x = torch.matmul(recent, weight[:, g.start * D:g.stop * D])  # (B0, W, G*D)
+    x = torch.roll(x.view(B0, W, g.stop - g.start, D), P % W, dims=1)  # (B0, W, G, D)
+    return x.transpose(1, 2)  # (B0, G, W, D)
 
 
 class KVCache:
@@ -135,8 +148,8 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         """Bytes held by the rings (keys, values and persistent rows) of every layer."""
-        return sum(t.numel() * t.element_size() for p in self.plans for g in p.groups
-                   for t in (g.keys, g.values) if t is not None)
+        return sum(t.numel() * t.element_size() for p in self.plans for t in (p.keys, p.values)
+                   if t is not None)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, block: int, batch_size: int = 0) -> torch.Tensor:
@@ -161,22 +174,26 @@ class KVCache:
         """Rings of one layer from its last C cached inputs ``hidden`` (B0, C, H), C >= W."""
         B0, C, H = hidden.shape
         N, D = plan.npers, H // self.model.cfg.nheads
-        w_k, w_v = plan.w_qkv[:, H:2 * H], plan.w_qkv[:, 2 * H:]  # (H, H) each
+        size = sum(B * (g.stop - g.start) * (N + g.window) for g in plan.groups)
+        plan.keys, plan.values = hidden.new_empty(D, size), hidden.new_empty(size, D)  # (D, S), (S, D)
+        base, wins, col = [[] for _ in range(B)], [[] for _ in range(B)], 0
         for g in plan.groups:
             W, G = g.window, g.stop - g.start
-            recent = hidden[:, C - W:]  # (B0, W, H): positions P-W .. P-1
-            proj = []
-            for w in (w_k, w_v):
-                x = torch.matmul(recent, w[:, g.start * D:g.stop * D])  # (B0, W, G*D)
-                x = x.view(B0, W, G, D).transpose(1, 2)  # (B0, G, W, D)
-                proj.append(torch.roll(x, P % W, dims=2))  # (B0, G, W, D): p in slot p mod W
-            g.keys = hidden.new_empty(B, G, D, N + W)  # (B, G, D, N+W)
-            g.values = hidden.new_empty(B, G, N + W, D)  # (B, G, N+W, D)
-            g.keys[..., N:] = proj[0].transpose(2, 3)  # (B, G, D, W)
-            g.values[:, :, N:] = proj[1]  # (B, G, W, D)
+            g.keys = plan.keys.narrow(1, col, B * G * (N + W)).view(D, B * G, N + W).permute(1, 0, 2)
+            g.values = plan.values.narrow(0, col, B * G * (N + W)).view(B * G, N + W, D)
+            for b in range(B):
+                base[b] += [col + (b * G + j) * (N + W) + N for j in range(G)]
+                wins[b] += [W] * G
+            col += B * G * (N + W)
+            keys = _ring(hidden[:, C - W:], plan.w_qkv[:, H:2 * H], g, D, P)  # (B0, G, W, D)
+            values = _ring(hidden[:, C - W:], plan.w_qkv[:, 2 * H:], g, D, P)  # (B0, G, W, D)
+            g.keys[:, :, N:] = keys.transpose(2, 3).expand(B, -1, -1, -1).reshape(B * G, D, W)
+            g.values[:, N:] = values.expand(B, -1, -1, -1).reshape(B * G, W, D)
             if N:
-                g.keys[..., :N] = g.pers_key  # (B, G, D, N)
-                g.values[:, :, :N] = g.pers_val  # (B, G, N, D)
+                g.keys[:, :, :N] = g.pers_key.repeat(B, 1, 1)  # (BG, D, N)
+                g.values[:, :N] = g.pers_val.repeat(B, 1, 1)  # (BG, N, D)
+        plan.ring_base = torch.tensor(sum(base, []), device=hidden.device)  # (BK,)
+        plan.ring_size = torch.tensor(sum(wins, []), device=hidden.device)  # (BK,)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -201,7 +218,10 @@ class KVCache:
         K = self.model.cfg.nheads
         qkv = torch.mm(h, plan.w_qkv).view(B, 3, K, H // K)  # (B, 3, K, D)
         q, k, v = qkv.unbind(1)  # (B, K, D) each
-        outs = [self._attend(g, q, k, v, plan.npers) for g in plan.groups]  # (B, G, D) each
+        outs = [self._attend(g, q, plan.npers) for g in plan.groups]  # (B, G, D) each
+        slots = torch.remainder(self.position, plan.ring_size).add_(plan.ring_base)  # (BK,)
+        plan.keys.index_copy_(1, slots, k.reshape(B * K, -1).t())  # (D, S): position t replaces t-W
+        plan.values.index_copy_(0, slots, v.reshape(B * K, -1))  # (S, D)
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (B, K, D) in group order
         h = torch.addmm(h, out.view(B, H), plan.w_out)  # (B, H): h + attention
         norm = plan.norm1
@@ -214,26 +234,21 @@ class KVCache:
             h = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)  # (B, H)
         return h
 
-    def _attend(self, g: WindowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                N: int) -> torch.Tensor:
-        """Heads of ``g`` at the current position: q, k, v (B, K, D) -> (B, G, D); then the
-        position's key and value replace the farthest one in the ring."""
+    def _attend(self, g: WindowGroup, q: torch.Tensor, N: int) -> torch.Tensor:
+        """Heads of ``g`` at the current position over the W previous ones: q (B, K, D) -> (B, G, D)."""
         B, G, D, W = q.size(0), g.stop - g.start, q.size(2), g.window
         r = self.position % W
-        qg = q.narrow(1, g.start, G).reshape(B * G, D)  # (BG, D)
-        pe_logits = torch.mm(qg, g.pe.narrow(1, W - r, W))  # (BG, W): slots 0 .. W-1
-        qg = qg.view(B * G, 1, D)  # (BG, 1, D)
-        keys = g.keys.view(B * G, D, N + W)  # (BG, D, N+W)
+        qg = q.narrow(1, g.start, G).reshape(B * G, 1, D)  # (BG, 1, D)
+        pe_logits = torch.mm(qg.view(B * G, D), g.pe.narrow(1, W - r, W))  # (BG, W): slots 0 .. W-1
         if N:
-            logits = torch.bmm(qg, keys).view(B * G, N + W)  # (BG, N+W)
-            logits.narrow(1, N, W).add_(pe_logits)  # (BG, W)
+            logits = torch.bmm(qg, g.keys)  # (BG, 1, N+W)
+            logits.view(B * G, N + W).narrow(1, N, W).add_(pe_logits)  # (BG, W)
         else:
-            logits = torch.baddbmm(pe_logits.view(B * G, 1, W), qg, keys).view(B * G, W)  # (BG, W)
-        probs = torch.softmax(logits, dim=-1)  # (BG, N+W)
-        if g.mask is not None:
-            probs.view(B, G, N + W).narrow(2, N, W).mul_(g.mask.narrow(2, W - r, W).view(G, W))  # (B, G, W)
-            probs.div_(probs.sum(-1, keepdim=True).add_(1e-8))  # (BG, N+W)
-        out = torch.bmm(probs.view(B * G, 1, N + W), g.values.view(B * G, N + W, D))  # (BG, 1, D)
-        g.keys.select(3, N + r).copy_(k.narrow(1, g.start, G))  # (B, G, D)
-        g.values.select(2, N + r).copy_(v.narrow(1, g.start, G))  # (B, G, D)
-        return out.view(B, G, D)
+            logits = torch.baddbmm(pe_logits.view(B * G, 1, W), qg, g.keys)  # (BG, 1, W)
+        probs = torch.softmax(logits, dim=-1)  # (BG, 1, N+W)
+        if g.mask is None:
+            return torch.bmm(probs, g.values).view(B, G, D)  # (B, G, D)
+        mask = g.mask.narrow(1, W - r, W)  # (G, W)
+        (probs.view(B, G, N + W).narrow(2, N, W) if N else probs.view(B, G, W)).mul_(mask)  # (B, G, W)
+        total = probs.sum(-1, keepdim=True).add_(1e-8)  # (BG, 1, 1): renormalised after the read
+        return torch.bmm(probs, g.values).div_(total).view(B, G, D)  # (B, G, D)
