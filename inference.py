@@ -92,6 +92,8 @@ def _doubled_pe(model: TransformerSeq, window: int, shared: dict) -> torch.Tenso
 
 
 def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer, shared_pe: dict) -> LayerPlan:
+    """Heads grouped by window (attention.group_heads) and permuted into group order in the
+    fused projection weights; each group's position embeddings, span mask, persistent vectors."""
     K, D = model.cfg.nheads, model.cfg.head_dim
     groups, order = group_heads(layer_windows(model, layer))
     attn = layer.attn
@@ -110,8 +112,9 @@ def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer, shared_pe: dic
         if pers is not None:
             pers_key = (pers.key[heads] * math.sqrt(D)).contiguous()  # (G, D, N)
             pers_val = (pers.val[heads] * math.sqrt(pers.size)).contiguous()  # (G, N, D)
-        plans.append(WindowGroup(start, stop, window, _doubled_pe(model, window, shared_pe),
-                                 torch.cat([mask, mask], -1).view(len(heads), -1) if mask is not None else None,
+        if mask is not None:
+            mask = torch.cat([mask, mask], -1).view(len(heads), 2 * window)  # (G, 2W)
+        plans.append(WindowGroup(start, stop, window, _doubled_pe(model, window, shared_pe), mask,
                                  pers_key, pers_val))
         start = stop
     ff = None
