@@ -162,7 +162,8 @@ class KVCache:
         B0, P = ids.shape
         B = batch_size or B0
         if P < 1 or (B != B0 and B0 != 1):
-            raise ValueError(f"prefill: need a prompt of >= 1 token and 1 or {B} prompts, got {tuple(ids.shape)}")
+            raise ValueError(f"prefill: need a prompt of >= 1 token and 1 or {B} prompts, "
+                             f"got ids of shape {tuple(ids.shape)}")
         caches = self.model.init_cache(B0, ids.device)
         out = []
         for start in range(0, P, block):
