@@ -148,6 +148,8 @@ class KVCache:
         with torch.no_grad():
             self.plans = [plan_layer(model, layer, shared_pe) for layer in model.layers]
         self.position = 0  # positions seen so far, the next one's index
+        self._layouts = {}  # ring layout -> (ring_base, ring_size), shared by layers
+        self._slots = {}  # this step's ring slot per (b, head), per layout
 
     def memory_bytes(self) -> int:
         """Bytes held by the rings (keys, values and persistent rows) of every layer."""
@@ -196,14 +198,17 @@ class KVCache:
             if N:
                 g.keys[:, :, :N] = g.pers_key.repeat(B, 1, 1)  # (BG, D, N)
                 g.values[:, :N] = g.pers_val.repeat(B, 1, 1)  # (BG, N, D)
-        plan.ring_base = torch.tensor(sum(base, []), device=hidden.device)  # (BK,)
-        plan.ring_size = torch.tensor(sum(wins, []), device=hidden.device)  # (BK,)
+        key = (tuple(sum(base, [])), tuple(sum(wins, [])))  # layers of one layout share them
+        if key not in self._layouts:
+            self._layouts[key] = tuple(torch.tensor(x, device=hidden.device) for x in key)  # (BK,) x 2
+        plan.ring_base, plan.ring_size = self._layouts[key]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per stream: ``tokens`` (B,) -> log-probabilities (B, V) of the next."""
         B = tokens.size(0)
         h = self.model.in_emb(tokens.view(B, 1)).view(B, -1)  # (B, H)
+        self._slots.clear()
         for plan in self.plans:
             h = self._layer(plan, h)  # (B, H)
         self.position += 1
@@ -223,7 +228,10 @@ class KVCache:
         qkv = torch.mm(h, plan.w_qkv).view(B, 3, K, H // K)  # (B, 3, K, D)
         q, k, v = qkv.unbind(1)  # (B, K, D) each
         outs = [self._attend(g, q, plan.npers) for g in plan.groups]  # (B, G, D) each
-        slots = torch.remainder(self.position, plan.ring_size).add_(plan.ring_base)  # (BK,)
+        slots = self._slots.get(id(plan.ring_base))
+        if slots is None:
+            slots = torch.remainder(self.position, plan.ring_size).add_(plan.ring_base)  # (BK,)
+            self._slots[id(plan.ring_base)] = slots
         plan.keys.index_copy_(1, slots, k.reshape(B * K, -1).t())  # (D, S): position t replaces t-W
         plan.values.index_copy_(0, slots, v.reshape(B * K, -1))  # (S, D)
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (B, K, D) in group order
