@@ -150,6 +150,7 @@ class KVCache:
         self.position = 0  # positions seen so far, the next one's index
         self._layouts = {}  # ring layout -> (ring_base, ring_size), shared by layers
         self._slots = {}  # this step's ring slot per (b, head), per layout
+        self._eps = model.key_pe.new_tensor(1e-8)  # the renormalisation's 1e-8 (no cast per use)
 
     def memory_bytes(self) -> int:
         """Bytes held by the rings (keys, values and persistent rows) of every layer."""
@@ -262,5 +263,5 @@ class KVCache:
             return torch.bmm(probs, g.values).view(B, G, D)  # (B, G, D)
         mask = g.mask.narrow(1, W - r, W)  # (G, W)
         (probs.view(B, G, N + W).narrow(2, N, W) if N else probs.view(B, G, W)).mul_(mask)  # (B, G, W)
-        total = probs.sum(-1, keepdim=True).add_(1e-8)  # (BG, 1, 1): renormalised after the read
+        total = probs.sum(-1, keepdim=True).add_(self._eps)  # (BG, 1, 1): renormalised after the read
         return torch.bmm(probs, g.values).div_(total).view(B, G, D)  # (B, G, D)
