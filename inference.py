@@ -2,7 +2,8 @@
 
 Dimension legend: B batch (samples), P prompt length, C cached positions of a layer,
 H hidden, K heads, D = H / K head dim, G heads of a window group, W the group's
-window, N persistent vectors, V vocabulary, L max span.
+window, N persistent vectors, V vocabulary, L max span, I feed-forward inner size,
+S the key (or value) rows of a layer, sum over (b, head) of N + W.
 
 ``TransformerSeq`` carries hidden states between blocks, so a one-position step
 re-projects the keys and values of every cached position in every layer. With the
@@ -22,6 +23,11 @@ Persistent vectors sit in front of the ring (rows 0 .. N-1) with no position ter
 no mask, so one softmax and one renormalisation cover both (joint softmax/renormalise).
 Positions before the start are zero hidden states, as in the model's zero caches: zero
 keys and values (the projections have no bias) that still take a position logit.
+The rings of a layer are views of one key buffer (D, S) and one value buffer (S, D), so
+the new position's keys and values go into every head's ring with one ``index_copy_``.
+Memory: 2 x B x sum over layers and heads of (N + W) x D floats (55 MiB in float32 for
+the enwik8-size model of scripts/bench.py --generation), against B x C x H floats per
+layer for the hidden-state caches.
 
 The prompt runs through the model's own forward in blocks; the cached hidden states it
 returns (the last C >= W inputs of every layer) are projected once into the rings.
