@@ -369,16 +369,17 @@ def generation_section(args) -> dict:
     def recompute():
         state[:] = model(token, state)[1]
 
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     counts = {"kv-cache": 30, "recompute": 2} if args.quick else {"kv-cache": 60, "recompute": 4}
     paths = {"kv-cache": kv_cache, "recompute": recompute}
     wall, cpu = {name: [] for name in paths}, {name: [] for name in paths}
     for r in range(5 if args.quick else 7):
         for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
-            _sync(args.device)
+            sync()
             start, start_cpu = time.perf_counter(), time.thread_time()
             for _ in range(counts[name]):
                 paths[name]()
-            _sync(args.device)
+            sync()
             wall[name].append((time.perf_counter() - start) / counts[name])
             cpu[name].append((time.thread_time() - start_cpu) / counts[name])
     rates = {name: 1 / statistics.median(t) for name, t in wall.items()}
