@@ -154,6 +154,7 @@ class KVCache:
         with torch.no_grad():
             self.plans = [plan_layer(model, layer, shared_pe) for layer in model.layers]
         self.position = 0  # positions seen so far, the next one's index
+        self.batch_size = 0  # streams, set by prefill
         self._layouts = {}  # ring layout -> (ring_base, ring_size), shared by layers
         self._slots = {}  # this step's ring slot per (b, head), per layout
         self._eps = model.key_pe.new_tensor(1e-8)  # the renormalisation's 1e-8 (no cast per use)
@@ -180,7 +181,7 @@ class KVCache:
             out.append(log_probs)
         for plan, hidden in zip(self.plans, caches):
             self._fill(plan, hidden, P, B)
-        self.position = P
+        self.position, self.batch_size = P, B
         return torch.cat(out, 1)  # (B0, P, V)
 
     def _fill(self, plan: LayerPlan, hidden: torch.Tensor, P: int, B: int) -> None:
@@ -214,6 +215,8 @@ class KVCache:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per stream: ``tokens`` (B,) -> log-probabilities (B, V) of the next."""
         B = tokens.size(0)
+        if B != self.batch_size:
+            raise ValueError(f"step: {B} tokens for {self.batch_size} streams (prefill first)")
         h = self.model.in_emb(tokens.view(B, 1)).view(B, -1)  # (B, H)
         self._slots.clear()
         for plan in self.plans:

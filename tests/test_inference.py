@@ -145,6 +145,8 @@ def test_windows_are_the_models():
         [[(64, 1), (128, 1), (256, 1), (300, 1)]] * 2
     model.cfg.attn_impl = "reference"
     assert [[g.window for g in p.groups] for p in KVCache(model).plans] == [[300]] * 2
+    with pytest.raises(ValueError, match="prefill first"):
+        KVCache(model).step(torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="eval mode"):
         KVCache(model.train())
 
