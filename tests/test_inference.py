@@ -143,6 +143,7 @@ def test_windows_are_the_models():
     # z = 0.05 * 300 = 15, 210, 60, 300; reach z + 16 + 1 -> 32, 227, 77, 300 (kept L' = 300)
     assert [[(g.window, g.stop - g.start) for g in p.groups] for p in grouped.plans] == \
         [[(64, 1), (128, 1), (256, 1), (300, 1)]] * 2
+    assert grouped.memory_bytes() == 2 * 2 * (64 + 128 + 256 + 300) * 8 * 4  # layers, k+v, D, float32
     model.cfg.attn_impl = "reference"
     assert [[g.window for g in p.groups] for p in KVCache(model).plans] == [[300]] * 2
     with pytest.raises(ValueError, match="prefill first"):
