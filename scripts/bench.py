@@ -343,6 +343,58 @@ def enwik8_section(args, repeats: int) -> list:
     return rows
 
 
+def generation_section(args) -> dict:
+    """Sampling rate of the enwik8-size model (12 layers, H=512, K=8, FF 2048, L=8192, head
+    spans ENWIK8_SPANS in every layer, V=205), batch 1, one token per step after a 512-token
+    prompt: the key/value cache (inference.KVCache, generate.py's default) against the full
+    recomputation (model(x, caches), generate.py --no-kv-cache). Medians of the two paths
+    alternating in this process; the cache's bytes of keys and values."""
+    import inference  # only this section needs it
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = TransformerSeq(enwik8_config("grouped")).to(args.device).eval()
+    for layer in model.layers:
+        set_spans(layer.span, ENWIK8_SPANS)
+    prompt = torch.randint(0, 205, (1, 512), device=args.device)  # (1, P)
+    cache = inference.KVCache(model)
+    cache.prefill(prompt, 512)
+    with torch.no_grad():
+        state = list(model(prompt, model.init_cache(1, args.device))[1])  # (1, C, H) per layer
+    token = prompt[:, -1:]  # (1, 1)
+
+    def kv_cache():
+        cache.step(token[0])  # (1, V)
+
+    @torch.no_grad()
+    def recompute():
+        state[:] = model(token, state)[1]
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    counts = {"kv-cache": 30, "recompute": 2} if args.quick else {"kv-cache": 60, "recompute": 4}
+    paths = {"kv-cache": kv_cache, "recompute": recompute}
+    wall, cpu = {name: [] for name in paths}, {name: [] for name in paths}
+    for r in range(5 if args.quick else 7):
+        for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+            sync()
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            for _ in range(counts[name]):
+                paths[name]()
+            sync()
+            wall[name].append((time.perf_counter() - start) / counts[name])
+            cpu[name].append((time.thread_time() - start_cpu) / counts[name])
+    rates = {name: 1 / statistics.median(t) for name, t in wall.items()}
+    cpu_rates = {name: 1 / statistics.median(t) for name, t in cpu.items()}
+    print("\n## generation, enwik8-size model (12 layers, H=512, K=8, FF 2048, L=8192, spans "
+          f"{ENWIK8_SPANS[0]}..{ENWIK8_SPANS[-1]}), batch 1, one token per step after 512")
+    print("      path | tokens/s (wall) | ms/token | tokens/s (this thread's CPU time)")
+    for name, rate in rates.items():
+        print(f"{name:>10} | {rate:15.1f} | {1e3 / rate:8.1f} | {cpu_rates[name]:8.1f}")
+    mib = cache.memory_bytes() / 2**20
+    print(f"  kv-cache / recompute (wall): {rates['kv-cache'] / rates['recompute']:.1f}x; keys and "
+          f"values held: {mib:.1f} MiB; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return {"tokens_per_s": rates, "tokens_per_cpu_s": cpu_rates, "kv_cache_mib": mib}
+
+
 def parse_args(argv=None):
     from flags import HelpFormatter  # the help layout of main.py: every flag with its default
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -357,6 +409,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-model", action="store_true", help="skip the medium-model training step")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--generation", action="store_true",
+                   help="also time sampling from the enwik8-size model (KV cache vs recompute); on in --quick")
     return p.parse_args(argv)
 
 
@@ -385,6 +439,8 @@ def main(argv=None):
     if args.device == "cuda" and args.config == "enwik8":
         print("\n## enwik8 model training step (12 layers, H=512, K=8, L=8192, M=512, B=8, bf16)")
         report["enwik8"] = enwik8_section(args, repeats)
+    if args.generation or args.quick:
+        report["generation"] = generation_section(args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

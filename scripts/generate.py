@@ -1,20 +1,26 @@
-"""Sample text from a trained model, streamed to stdout one token at a time.
+r"""Sample text from a trained model, streamed to stdout one token at a time.
 
     python scripts/generate.py --checkpoint run.pt --prompt "the meaning of" --length 200 \
-        [--temperature 1.0] [--top-k 0] [--seed 1111]
+        [--temperature 1.0] [--top-k 0] [--seed 1111] [--num-samples 1] [--no-kv-cache]
     # a reference checkpoint also needs its data (for the vocabulary) and model flags:
     python scripts/generate.py --checkpoint ref.pt --data data/text8 --nlayers 12 --hid-sz 512 ... \
         --prompt "..."
 
-Dimension legend: B batch (1), M block length, L max span, H hidden, V vocabulary.
+Dimension legend: B batch (the samples), M block length, L max span, H hidden,
+V vocabulary.
 
-The prompt is fed in blocks of the training block size, then each new token costs
-one forward of one position: every layer's cache of hidden states is carried over
-(``model(x, caches)`` returns log-probabilities (B, M, V) and the next caches), and
-each head attends only within its learned span (the model's attention trims it).
-Like the training streams, the caches start as zeros. The prompt and the sample
-are printed decoded (bytes, enwik8 bytes, text8 characters with ``_`` as a space,
-or words); the speed goes to stderr. Model flags are those of main.py.
+The prompt is fed in blocks of the training block size (the model's forward, caches
+starting as zeros like the training streams), then each new token costs one position.
+By default (inference.KVCache) every layer keeps the projected keys and values of the
+positions each head can see (its window), so a token costs the projections of one
+position plus O(window x head dim) per head. ``--no-kv-cache`` keeps the full
+recomputation instead: ``model(x, caches)`` carries hidden states and re-projects the
+keys and values of every cached position at every token (same log-probabilities up to
+float rounding, about 1e-5). ``--num-samples N`` draws N continuations of the prompt in
+one batch (the prompt is run once); with N = 1 the sample is streamed, with N > 1 the
+samples are printed one after another, each after a ``=== sample i/N ===`` line. The
+prompt and the samples are printed decoded (bytes, enwik8 bytes, text8 characters with
+``_`` as a space, or words); the speed goes to stderr. Model flags are those of main.py.
 """
 import argparse
 import codecs
@@ -32,6 +38,7 @@ import checkpoint as ckpt_io  # noqa: E402
 import flags  # noqa: E402
 import main as entry  # noqa: E402
 from data import EOS, DataConfig, Vocab, load_corpus  # noqa: E402
+from inference import KVCache  # noqa: E402
 from models import TransformerSeq  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
@@ -43,9 +50,13 @@ def build_parser():
     own.add_argument("--checkpoint", default="", help="the model: our checkpoint, or a reference one with its flags")
     own.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: start after an <eos>)")
     own.add_argument("--length", type=int, default=200, help="tokens to generate")
+    own.add_argument("--num-samples", type=int, default=1,
+                     help="continuations of the prompt drawn in one batch (N > 1: printed one after another)")
     own.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
     own.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     own.add_argument("--seed", type=int, default=1111, help="random seed of the sampling")
+    own.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                     help="recompute keys and values of the whole cache at every token (slow; for checking)")
     own.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
     own.add_argument("--threads", type=int, default=1,
                      help="CPU threads (one-token steps are too small to gain from more; 0: torch's default)")
@@ -115,19 +126,51 @@ def feed(model: TransformerSeq, ids: List[int], caches: List[torch.Tensor], bloc
     return torch.cat(out), caches  # (len(ids), V)
 
 
-def generate(model: TransformerSeq, prompt: List[int], length: int, block: int, temperature: float,
-             top_k: int, seed: int) -> Iterator[int]:
-    """Yield ``length`` sampled tokens after ``prompt`` (at least one token)."""
+def start_kv_cache(model: TransformerSeq, prompt: List[int], block: int, n: int):
+    """The prompt through a key/value cache of ``n`` streams: the log-probabilities
+    (n, V) after it, and a step ``tokens (n ints) -> log-probabilities (n, V)``."""
+    device = model.key_pe.device
+    cache = KVCache(model)
+    log_probs = cache.prefill(torch.tensor([prompt], device=device), block, n)  # (1, P, V)
+    return log_probs[0, -1].expand(n, -1), lambda tokens: cache.step(torch.tensor(tokens, device=device))
+
+
+def start_recompute(model: TransformerSeq, prompt: List[int], block: int, n: int):
+    """As ``start_kv_cache``, with the model's hidden-state caches (every token
+    re-projects the keys and values of the whole cache)."""
+    device = model.key_pe.device
+    log_probs, caches = feed(model, prompt, model.init_cache(1, device), block)  # (P, V)
+    state = [c.repeat(n, 1, 1) for c in caches]  # (n, C, H) each
+
+    @torch.no_grad()
+    def step(tokens: List[int]) -> torch.Tensor:
+        x = torch.tensor(tokens, dtype=torch.long, device=device).view(n, 1)  # (n, 1)
+        out, state[:] = model(x, state)  # (n, 1, V)
+        return out[:, -1]  # (n, V)
+
+    return log_probs[-1].expand(n, -1), step
+
+
+def generate_batch(model: TransformerSeq, prompt: List[int], length: int, block: int,
+                   temperature: float, top_k: int, seed: int, num_samples: int = 1,
+                   kv_cache: bool = True) -> Iterator[List[int]]:
+    """Yield ``length`` steps of ``num_samples`` sampled tokens after ``prompt`` (at
+    least one token); the samples are drawn in order from one seeded generator."""
     generator = torch.Generator().manual_seed(seed)
-    caches = model.init_cache(1, model.key_pe.device)
-    log_probs, caches = feed(model, prompt, caches, block)
-    last = log_probs[-1]  # (V,)
+    start = start_kv_cache if kv_cache else start_recompute
+    last, step = start(model, prompt, block, num_samples)  # (N, V)
     for n in range(length):
-        token = sample(last, temperature, top_k, generator)
-        yield token
+        tokens = [sample(row, temperature, top_k, generator) for row in last]
+        yield tokens
         if n + 1 < length:
-            log_probs, caches = feed(model, [token], caches, 1)
-            last = log_probs[-1]  # (V,)
+            last = step(tokens)  # (N, V)
+
+
+def generate(model: TransformerSeq, prompt: List[int], length: int, block: int, temperature: float,
+             top_k: int, seed: int, kv_cache: bool = True) -> Iterator[int]:
+    """Yield ``length`` sampled tokens after ``prompt`` (at least one token)."""
+    for tokens in generate_batch(model, prompt, length, block, temperature, top_k, seed, 1, kv_cache):
+        yield tokens[0]
 
 
 # ---- loading -------------------------------------------------------------------------
@@ -164,39 +207,66 @@ def prompt_ids(vocab: Vocab, prompt: str) -> List[int]:
     return [vocab.idx2word.index(EOS)]
 
 
+def report_speed(prompt_len: int, steps: int, samples: int, start: float, first: float,
+                 end: float) -> None:
+    """The prompt time and the sampling rate, on stderr."""
+    rate = (steps - 1) / (end - first) if steps > 1 else float("nan")
+    if samples == 1:
+        done = f"{steps - 1} tokens in {end - first:.2f} s ({rate:.1f} tokens/s)"
+    else:
+        done = (f"{steps - 1} steps of {samples} samples in {end - first:.2f} s ({rate:.1f} steps/s, "
+                f"{rate * samples:.1f} tokens/s)")
+    print(f"prompt of {prompt_len} tokens and first token: {first - start:.3f} s; then {done}",
+          file=sys.stderr)
+
+
+def write_samples(args, model: TransformerSeq, vocab: Vocab, ids: List[int], block: int) -> None:
+    """Sample and print: streamed for one sample, else the samples one after another."""
+    n = args.num_samples
+    decoder = StreamDecoder(vocab)
+    if args.prompt and n == 1:
+        sys.stdout.write(decoder.feed(ids))
+        sys.stdout.flush()
+    start, first, steps, rows = time.perf_counter(), None, 0, [[] for _ in range(n)]
+    # a progress bar on stderr only when the text goes elsewhere (a file, a pipe) or is
+    # printed at the end: on one terminal the bar would garble the streamed text
+    bar = tqdm(total=args.length, unit="tok", disable=True if n == 1 and sys.stdout.isatty() else None)
+    for tokens in generate_batch(model, ids, args.length, block, args.temperature, args.top_k,
+                                 args.seed, n, args.kv_cache):
+        if n == 1:
+            sys.stdout.write(decoder.feed(tokens))
+            sys.stdout.flush()
+        for row, token in zip(rows, tokens):
+            row.append(token)
+        steps += 1
+        bar.update(1)
+        first = first or time.perf_counter()
+    bar.close()
+    end = time.perf_counter()
+    if n == 1:
+        sys.stdout.write(decoder.flush() + "\n")
+    for i, row in enumerate(rows if n > 1 else []):
+        decoder = StreamDecoder(vocab)
+        text = (decoder.feed(ids) if args.prompt else "") + decoder.feed(row) + decoder.flush()
+        sys.stdout.write(f"=== sample {i + 1}/{n} ===\n{text}\n")
+    sys.stdout.flush()
+    if steps:
+        report_speed(len(ids), steps, n, start, first, end)
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.length < 0 or args.top_k < 0:
         raise ConfigError("--length and --top-k must not be negative")
+    if args.num_samples < 1:
+        raise ConfigError("--num-samples must be at least 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, vocab, block = load(args, entry.explicit_flags(parser, argv))
     model.to(pick_device(args.device))
-    ids = prompt_ids(vocab, args.prompt)
-    decoder = StreamDecoder(vocab)
-    if args.prompt:
-        sys.stdout.write(decoder.feed(ids))
-        sys.stdout.flush()
-    start, first, count = time.perf_counter(), None, 0
-    # a progress bar on stderr only when the text goes elsewhere (a file, a pipe): on one
-    # terminal the bar would garble the streamed text
-    bar = tqdm(total=args.length, unit="tok", disable=True if sys.stdout.isatty() else None)
-    for token in generate(model, ids, args.length, block, args.temperature, args.top_k, args.seed):
-        sys.stdout.write(decoder.feed([token]))
-        sys.stdout.flush()
-        count += 1
-        bar.update(1)
-        first = first or time.perf_counter()
-    bar.close()
-    end = time.perf_counter()
-    sys.stdout.write(decoder.flush() + "\n")
-    sys.stdout.flush()
-    if count:
-        rate = (count - 1) / (end - first) if count > 1 else float("nan")
-        print(f"prompt of {len(ids)} tokens and first token: {first - start:.3f} s; then {count - 1} "
-              f"tokens in {end - first:.2f} s ({rate:.1f} tokens/s)", file=sys.stderr)
+    write_samples(args, model, vocab, prompt_ids(vocab, args.prompt), block)
     return 0
 
 
