@@ -159,6 +159,8 @@ class TransformerSeq(nn.Module):
             self.in_emb = nn.Embedding(V, H)
             self.out_emb = nn.Linear(H, V)
         self.layers = nn.ModuleList(TransformerSeqLayer(cfg) for _ in range(cfg.nlayers))
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.refresh_spans()
 
     # ---- forward -----------------------------------------------------------
     def forward(self, x: torch.Tensor, caches: List[torch.Tensor],
@@ -211,8 +213,25 @@ class TransformerSeq(nn.Module):
         return torch.stack(losses).sum() if losses else self.key_pe.new_zeros(())
 
     def clamp_spans(self) -> None:
+        """Clamp every span parameter to [0, 1], then ``refresh_spans``."""
         for span in self._spans():
             span.clamp_param()
+        self.refresh_spans()
+
+    def refresh_spans(self) -> None:
+        """Cache every layer's span integers (spans, windows, trim, cache size) with one
+        host sync for the whole model, so that forward passes make none. Called at
+        construction, by ``clamp_spans`` (after each optimizer step) and after
+        ``load_state_dict``; a span changed in place elsewhere refreshes itself on its
+        next use (see AdaptiveSpan.state)."""
+        spans = self._spans()
+        if not spans:
+            return
+        states = [span.state_tensor() for span in spans]  # (2K + 2,) each
+        values = torch.cat([s.to(states[0].device) for s in states]).tolist()
+        size = len(values) // len(spans)
+        for i, span in enumerate(spans):
+            span.set_state(values[i * size:(i + 1) * size])
 
     def head_spans(self) -> List[List[int]]:
         """Per layer, per head: positions with a non-zero mask (L without adaptive span)."""
@@ -258,6 +277,11 @@ def from_reference_state_dict(state: dict) -> dict:
         if other is not None and other not in out:
             out[other] = out[key]
     return out
+
+
+def _refresh_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: the loaded spans' integers are cached at once."""
+    module.refresh_spans()
 
 
 def _check_tied_state(module, state, prefix, local_metadata, strict, missing, unexpected, errors):
