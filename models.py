@@ -225,7 +225,7 @@ class TransformerSeq(nn.Module):
         ``load_state_dict``; a span changed in place elsewhere refreshes itself on its
         next use (see AdaptiveSpan.state)."""
         spans = self._spans()
-        if not spans:
+        if not spans or self.key_pe.is_meta:  # a shape-only model has no values to read
             return
         states = [span.state_tensor() for span in spans]  # (2K + 2,) each
         values = torch.cat([s.to(states[0].device) for s in states]).tolist()
