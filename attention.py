@@ -96,12 +96,13 @@ def attend(ctx_logits: torch.Tensor, span_mask: Optional[torch.Tensor],
 def reference_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
                         w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                         span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
-                        dropout: float, training: bool) -> torch.Tensor:
-    """The reference computation. query (B, M, H) projected, h_all (B, C+M, H) -> (B, M, H)."""
+                        dropout: float, training: bool, plan: Optional[tuple] = None) -> torch.Tensor:
+    """The reference computation. query (B, M, H) projected, h_all (B, C+M, H) -> (B, M, H).
+    ``plan``: ``attention_plan``'s integers, read from ``span`` when None."""
     B, M, H = query.shape
     L = key_pe.size(-1)
     D = H // nheads
-    trim = span.trim_len() if span is not None else 0
+    trim = L - (plan[0] if plan is not None else kept_length(span, L))
     key = F.linear(h_all, w_key)  # (B, C+M, H)
     val = F.linear(h_all, w_val)  # (B, C+M, H)
     key = fit_memory(key, M, L - trim)  # (B, L'+M, H)
@@ -152,6 +153,14 @@ def head_windows(span: Optional[AdaptiveSpan], nheads: int, max_span: int,
     if span is None:
         return [max_span if keep is None else keep] * nheads
     return span.head_windows()
+
+
+def attention_plan(span: Optional[AdaptiveSpan], nheads: int, max_span: int, batch: int,
+                   block: int, width: int) -> tuple:
+    """(L', groups, head order): every integer a layer's attention needs, from the span's
+    cached state (no host sync). Computed outside the forward when it is compiled."""
+    windows = tuple(head_windows(span, nheads, max_span))
+    return (kept_length(span, max_span),) + plan_groups(windows, batch, block, width)
 
 
 def group_cost(batch: int, block: int, width: int, hidden: int, window: int, heads: int,
@@ -272,7 +281,7 @@ def _group_attention(q: torch.Tensor, h: torch.Tensor, w_key: torch.Tensor,
 def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
                       w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                       span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
-                      dropout: float, training: bool) -> torch.Tensor:
+                      dropout: float, training: bool, plan: Optional[tuple] = None) -> torch.Tensor:
     """The function of ``reference_attention`` (up to the 1e-8 term) at a cost that
     follows each head's span: heads are grouped by ``plan_groups`` and each group is
     projected, scored and read over its own window W only (one group of every head
@@ -281,7 +290,9 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
     B, M, H = query.shape
     L = key_pe.size(-1)
     K, D = nheads, H // nheads
-    groups, order = plan_groups(tuple(head_windows(span, K, L)), B, M, D)
+    if plan is None:
+        plan = attention_plan(span, K, L, B, M, D)
+    _, groups, order = plan
     q_all = split_heads(query, K)  # (B, K, M, D)
     wk = w_key.view(K, D, H)  # (K, D, H)
     wv = w_val.view(K, D, H)  # (K, D, H)
