@@ -23,6 +23,16 @@ from trainer import AdagradWithGradClip  # noqa: E402
 B, M, STEPS = 2, 16, 100
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Compilation and tiny steps on one thread (two threads on a busy 2-core machine
+    slow this test tenfold)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train(backend):
     """Losses of 100 steps, the (L', windows) plans met, and the compiled-graph count."""
     torch.manual_seed(0)
