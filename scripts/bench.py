@@ -48,6 +48,7 @@ import flops  # noqa: E402
 from adaptive_span import AdaptiveSpan  # noqa: E402
 from attention import plan_groups  # noqa: E402
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
+from compile_model import compile_layers  # noqa: E402
 from trainer import AdagradWithGradClip  # noqa: E402
 
 IMPLS = ("reference", "grouped")
@@ -202,13 +203,15 @@ def layer_step(impl: str, max_span: int, profile: str, B: int, M: int, device: s
     return step
 
 
-def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16: bool):
+def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16: bool,
+               compiled: bool = False):
     """A training step: forward, span loss, backward, Adagrad step (the reference's,
     lr 0.07, clip 0.03), span reset."""
     torch.manual_seed(0)
     model = TransformerSeq(cfg).to(device)
     for layer in model.layers:
         set_spans(layer.span, spans)
+    counter = compile_layers(model) if compiled else None
     opt = AdagradWithGradClip(model.parameters(), lr=0.07, grad_clip=0.03)
     x = torch.randint(0, cfg.vocab_size, (B, M + 1), device=device)
     state = {"caches": [torch.randn_like(c) for c in model.init_cache(B, device)]}
@@ -225,6 +228,7 @@ def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16:
         model.refresh_spans()  # as clamp_spans does after every update
         state["caches"] = caches
 
+    step.counter = counter
     return step
 
 
@@ -283,13 +287,26 @@ def efficiency_worker(spec: dict) -> dict:
                                            for impl in IMPLS}}
 
 
+def compile_worker(spec: dict) -> dict:
+    """The medium model's step (default path) eager and compiled: the first compiled step
+    (compilation included), graphs, then medians of both alternating."""
+    eager = model_step(medium_config(spec["max_span"]), spec["spans"], 8, 128, "cpu", False)
+    compiled = model_step(medium_config(spec["max_span"]), spec["spans"], 8, 128, "cpu", False, True)
+    eager()
+    start = time.perf_counter()
+    compiled()
+    first = time.perf_counter() - start
+    times = time_interleaved({"eager": eager, "compiled": compiled}, "cpu", spec["repeats"])
+    return {"compile_s": first, "graphs": compiled.counter.graphs, **times}
+
+
 def run_worker(spec: dict) -> dict:
     """mode "time": both paths, interleaved; mode "mem": one path's peak memory;
     mode "efficiency": efficiency_worker."""
     torch.set_num_threads(spec["threads"])
     try:
-        if spec["mode"] == "efficiency":
-            return efficiency_worker(spec)
+        if spec["mode"] in ("efficiency", "compile"):
+            return (efficiency_worker if spec["mode"] == "efficiency" else compile_worker)(spec)
         if spec["mode"] == "mem":
             return {"peak_mb": peak_memory_mb(make_step(spec, spec["impl"]), spec["device"])}
         steps = {}
@@ -409,6 +426,11 @@ def efficiency_section(args, repeats: int) -> dict:
               f"efficiency {r['efficiency']:.2f} | {r['peak_mb']:6.0f} MB", flush=True)
     row["speedup"] = row["reference"]["seconds"] / row["grouped"]["seconds"]
     print(f"default/reference speed {row['speedup']:.2f}x")
+    if args.compile:
+        row["compile"] = c = spawn(dict(spec, mode="compile"))
+        print(f"torch.compile (inductor, default path): first step {c['compile_s']:.1f} s "
+              f"({c['graphs']} graphs), then {c['compiled'] * 1e3:.1f} ms/step against "
+              f"{c['eager'] * 1e3:.1f} eager ({c['eager'] / c['compiled']:.2f}x)", flush=True)
     return row
 
 
@@ -422,6 +444,7 @@ def parse_args(argv=None):
     p.add_argument("--spans", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on a CPU)")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
