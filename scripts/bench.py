@@ -24,17 +24,15 @@ Timings: medians, the two paths alternating in one process. Peak memory: one
 path per fresh process, over one step after a warm-up step; on CPU the growth of
 the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs)
 over the resident size before the step (glibc is told to return freed memory
-at once: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, malloc_trim), on CUDA torch.cuda.max_memory_allocated
-over the allocated memory before the step.
+at once: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, malloc_trim), on CUDA
+torch.cuda.max_memory_allocated over the allocated memory before the step (measure.py).
 
     python scripts/bench.py --quick [--json FILE] [--threads 1] [--device cpu]
 """
 import argparse
-import ctypes
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flops  # noqa: E402
 from adaptive_span import AdaptiveSpan  # noqa: E402
 from attention import plan_groups  # noqa: E402
-from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
 from compile_model import compile_layers  # noqa: E402
+from measure import matmul_seconds, peak_memory_mb, time_interleaved  # noqa: E402
+from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
 from trainer import AdagradWithGradClip  # noqa: E402
 
 IMPLS = ("reference", "grouped")
@@ -121,65 +120,6 @@ def model_flops_per_token(cfg: ModelConfig, head_spans: list, impl: str, block_s
     H, I, V = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size
     dense = cfg.nlayers * (2 * H * H + (2 * H * I if cfg.has_ff else 0)) + H * V
     return 3 * 2 * (dense + attention_flops_per_token(cfg, head_spans, impl, block_size))
-
-
-# ---- measurement ---------------------------------------------------------------
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak resident set size (VmHWM) to the current one; return it in bytes."""
-    try:  # hand freed heap memory back first, so that the baseline holds live memory only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status_kib("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    return _proc_status_kib("VmHWM") * 1024
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(steps: dict, device: str, repeats: int) -> dict:
-    """Median seconds per step of each (warmed-up) path, the paths alternating
-    within every repeat (so both see the same machine load)."""
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            _sync(device)
-            start = time.perf_counter()
-            steps[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_memory_mb(step, device: str) -> float:
-    """Peak memory of one step after a warm-up step (see the module docstring)."""
-    step()  # one-time allocations (thread pools, optimizer state) are not counted
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = reset_peak_rss()
-    step()
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-    return (peak - base) / 2**20
 
 
 def layer_step(impl: str, max_span: int, profile: str, B: int, M: int, device: str):
@@ -259,12 +199,6 @@ def make_step(spec: dict, impl: str):
         spans = spec.get("spans") or [s or L for s in MEDIUM_SPANS]
         return model_step(cfg, spans, 8, 128, spec["device"], False)
     return model_step(enwik8_config(impl), ENWIK8_SPANS, 8, 512, "cuda", True)  # "enwik8"
-
-
-def matmul_seconds(n: int = 512):
-    """A step that multiplies two n x n fp32 matrices, and its FLOPs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)  # (n, n)
-    return (lambda: torch.mm(a, b)), 2.0 * n ** 3
 
 
 def efficiency_worker(spec: dict) -> dict:
