@@ -132,7 +132,7 @@ class AdaptiveSpan(nn.Module):
         return attn
 
     # ---- the cached integers -------------------------------------------------
-    def _version(self) -> tuple:
+    def _param_key(self) -> tuple:
         cv = self.current_val
         return id(cv), cv._version, cv.device
 
@@ -158,7 +158,7 @@ class AdaptiveSpan(nn.Module):
                           trim=trim_length(max_span, L), keep=keep,
                           cache=cache_length(max_span, L, self.adapt_cache),
                           windows=tuple(head_windows(reach, keep)))
-        self._state = (self._version(), state)
+        self._state = (self._param_key(), state)
         return state
 
     def refresh(self) -> SpanState:
@@ -167,7 +167,7 @@ class AdaptiveSpan(nn.Module):
 
     def state(self) -> SpanState:
         """The cached integers; recomputed (one host sync) only if current_val changed."""
-        if self._state is None or self._state[0] != self._version():
+        if self._state is None or self._state[0] != self._param_key():
             return self.refresh()
         return self._state[1]
 
