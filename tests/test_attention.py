@@ -323,3 +323,28 @@ def test_model_batch_split_equals_full_batch():
             torch.testing.assert_close(c_part, c_full[rows], rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), full_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+# ---- the cost model's plan ------------------------------------------------------------
+def test_plan_is_the_dense_product_when_every_head_needs_the_kept_span():
+    groups, order = attention.plan_groups((256,) * 4, 8, 128, 32)
+    assert groups == [(256, 128, slice(0, 4))] and order == (0, 1, 2, 3)
+
+
+def test_plan_splits_one_long_head_from_short_ones_and_covers_every_head_once():
+    windows = (64, 64, 8192, 64, 128, 128, 64, 64)
+    groups, order = attention.plan_groups(windows, 4, 512, 64)
+    assert groups[-1][0] == 8192 and groups[-1][2] == slice(2, 3)  # the long head alone
+    assert sorted(order) == list(range(8))
+    for window, chunk, heads in groups:
+        members = range(8)[heads] if isinstance(heads, slice) else heads
+        assert all(windows[k] <= window for k in members)  # a head is never scored short
+        assert 64 <= chunk <= 512
+
+
+def test_plan_uses_only_the_shapes():
+    """The same shapes always give the same plan (a formula, never a timing)."""
+    attention.plan_groups.cache_clear()
+    first = attention.plan_groups((64, 128, 128, 512), 2, 256, 32)
+    attention.plan_groups.cache_clear()
+    assert attention.plan_groups((64, 128, 128, 512), 2, 256, 32) == first
