@@ -14,10 +14,19 @@ softmax is multiplied by the span mask and renormalised (``sum + 1e-8``).
 M x (M + L') content product unskewed into M x L').
 
 ``grouped_attention`` computes the same function (up to float rounding and the
-1e-8 term) at a cost that follows each head's learned span: heads are grouped
-by their window W (the span rounded up to 64), and each group projects keys and
-values for its last W + M positions only, with its own rows of the projection
-weights, and scores them in query chunks against their own band of W keys.
+1e-8 term) at a cost that follows each head's learned span: each head needs a
+window W (its reach rounded up to 64, ``AdaptiveSpan.head_windows``); a cost
+model of the shapes (``plan_groups``) partitions the heads into groups, each
+scored over its widest window, and each group projects keys and values for its
+last W + M positions only, with its own rows of the projection weights, and
+scores them, in query chunks or in one product, against its own band of W keys.
+One group of every head over L' is the reference computation, with only the kept
+positions projected.
+
+Where the two paths differ: both renormalise as ``p m / (sum(p m) + 1e-8)``, but
+the softmax p is taken over L' keys (reference) or over the group's W keys, so the
+1e-8 weighs differently: with a = sum(p m) the mass a head keeps inside its span,
+the outputs differ relatively by at most about 1e-8 / a (0 when W = L').
 """
 import functools
 import math
@@ -206,7 +215,7 @@ def plan_groups(windows: Tuple[int, ...], batch: int, block: int, width: int):
         c = best_chunk(batch, block, width, hidden, W, len(heads))
         contiguous = heads == list(range(heads[0], heads[-1] + 1))
         out.append((W, c, slice(heads[0], heads[-1] + 1) if contiguous else tuple(heads)))
-    return out, tuple(order)
+    return tuple(out), tuple(order)
 
 
 def chunk_size(block: int, window: int) -> int:

@@ -328,7 +328,7 @@ def test_model_batch_split_equals_full_batch():
 # ---- the cost model's plan ------------------------------------------------------------
 def test_plan_is_the_dense_product_when_every_head_needs_the_kept_span():
     groups, order = attention.plan_groups((256,) * 4, 8, 128, 32)
-    assert groups == [(256, 128, slice(0, 4))] and order == (0, 1, 2, 3)
+    assert groups == ((256, 128, slice(0, 4)),) and order == (0, 1, 2, 3)
 
 
 def test_plan_splits_one_long_head_from_short_ones_and_covers_every_head_once():
