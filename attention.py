@@ -223,6 +223,14 @@ def chunk_size(block: int, window: int) -> int:
     return min(block, max(BUCKET, window))
 
 
+def overlapping_chunks(x: torch.Tensor, size: int, step: int) -> torch.Tensor:
+    """(B, G, T, D) -> (B, G, n, size, D): rows i*step .. i*step+size-1 of each chunk i.
+    Stacked slices (a copy, as the product needs one anyway): their backward is a few
+    slice additions, where ``unfold``'s generic backward measured 1.4x slower."""
+    n = (x.size(2) - size) // step + 1
+    return torch.stack([x[:, :, i * step:i * step + size] for i in range(n)], dim=2)  # (B, G, n, size, D)
+
+
 def band_logits(q: torch.Tensor, k: torch.Tensor, chunk: int) -> torch.Tensor:
     """Content logits of the band: q (B, G, M, D), k (B, G, W+M, D) -> (B, G, M, W),
     where query i sees key rows i .. i+W-1. Chunks of ``chunk`` queries each multiply
@@ -234,8 +242,8 @@ def band_logits(q: torch.Tensor, k: torch.Tensor, chunk: int) -> torch.Tensor:
     n = -(-M // chunk)
     pad = n * chunk - M
     q = F.pad(q, (0, 0, 0, pad)).view(B, G, n, chunk, D)  # (B, G, n, c, D)
-    k = F.pad(k, (0, 0, 0, pad)).unfold(2, chunk + W, chunk)  # (B, G, n, D, c+W)
-    logits = unskew(torch.matmul(q, k))  # (B, G, n, c, W)
+    k = overlapping_chunks(F.pad(k, (0, 0, 0, pad)), chunk + W, chunk)  # (B, G, n, c+W, D)
+    logits = unskew(torch.matmul(q, k.transpose(-1, -2)))  # (B, G, n, c, W)
     return logits.reshape(B, G, n * chunk, W)[:, :, :M]  # (B, G, M, W)
 
 
@@ -248,8 +256,8 @@ def band_read(probs: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
     n = -(-M // chunk)
     pad = n * chunk - M
     probs = F.pad(probs, (0, 0, 0, pad)).view(B, G, n, chunk, W)  # (B, G, n, c, W)
-    v = F.pad(v, (0, 0, 0, pad)).unfold(2, chunk + W, chunk)  # (B, G, n, D, c+W)
-    out = torch.matmul(skew(probs), v.transpose(-1, -2))  # (B, G, n, c, D)
+    v = overlapping_chunks(F.pad(v, (0, 0, 0, pad)), chunk + W, chunk)  # (B, G, n, c+W, D)
+    out = torch.matmul(skew(probs), v)  # (B, G, n, c, D)
     return out.reshape(B, G, n * chunk, D)[:, :, :M]  # (B, G, M, D)
 
 
