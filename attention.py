@@ -309,7 +309,11 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
     K, D = nheads, H // nheads
     if plan is None:
         plan = attention_plan(span, K, L, B, M, D)
-    _, groups, order = plan
+    keep, groups, order = plan
+    if groups == ((keep, M, slice(0, K)),) and h_all.size(1) == keep + M:
+        # one dense group over L' and no cached position to skip: the reference itself
+        return reference_attention(query, h_all, w_key, w_val, key_pe, nheads, span, pers,
+                                   dropout, training, plan)
     q_all = split_heads(query, K)  # (B, K, M, D)
     wk = w_key.view(K, D, H)  # (K, D, H)
     wv = w_val.view(K, D, H)  # (K, D, H)
