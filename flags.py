@@ -59,6 +59,8 @@ def model_flags(a) -> None:
     a("--emb-dropout", type=float, default=0.0, help="dropout on the input embeddings and the final hidden states")
     a("--attn-impl", choices=sorted(ATTN_IMPLS), default=ModelConfig.attn_impl,
       help="grouped: each head pays only for its own span; reference: the published computation")
+    a("--compile", action="store_true",
+      help="torch.compile every layer (static shapes, one graph per window plan; for long GPU runs)")
 
 
 def adaptive_span_flags(a) -> None:

@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import checkpoint as ckpt_io
+from compile_model import compile_layers
 import flops
 import plots  # matplotlib is imported lazily, only for the spans image
 from checks import check_flag_ranges, check_flags, check_outputs, check_same_data
@@ -327,6 +328,8 @@ def run(argv=None) -> int:
     model, model_cfg, train_cfg = build_model(args, len(corpus.vocab), dist.device)
     if ckpt is not None:
         ckpt_io.load_model_state(model, ckpt, args.checkpoint)
+    if args.compile:
+        compile_layers(model, log=log)
     ddp_model = wrap_ddp(model, dist)
     log(f"params: {model.num_parameters():,} ({model.num_parameters() / 1e6:.2f}M) "
         f"vocab: {len(corpus.vocab)} ranks: {dist.world_size} device: {dist.device}")
