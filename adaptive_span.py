@@ -111,3 +111,13 @@ class AdaptiveSpan(nn.Module):
     @torch.no_grad()
     def clamp_param(self) -> None:
         self.current_val.clamp_(0, 1)
+
+
+def __getattr__(name: str):
+    """``from adaptive_span import AdaptiveSpanAttention``: the drop-in attention module lives
+    in span_attention.py (it scores with attention.py's banded products), imported on demand so
+    that attention.py can import this file."""
+    if name == "AdaptiveSpanAttention":
+        from span_attention import AdaptiveSpanAttention
+        return AdaptiveSpanAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
