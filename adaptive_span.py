@@ -8,6 +8,16 @@ distance d (x = d - 1) is multiplied by the soft mask
 after the softmax, then renormalised. An L1 penalty on z shrinks the spans and
 keys farther than the longest span can be dropped ("trimmed").
 
+Every rule that turns the span parameters into integers lives here, once:
+``head span`` (positions whose mask is non-zero), ``reach`` (positions whose mask
+or its gradient is non-zero), the reference's ``max_span`` / ``avg_span``,
+``trim_length``, ``kept_length`` L', ``cache_length`` and ``head_window`` W.
+``AdaptiveSpan.refresh`` computes them with one host sync and caches them as
+plain ints (``SpanState``); the forward pass only reads the cache. The cache
+is recomputed whenever ``current_val`` was changed in place (its version
+counter), so a stale value is never read; ``TransformerSeq.refresh_spans``
+refreshes every layer with a single sync.
+
 Dimension legend: B batch, M block length, L max span, K heads, D head dim.
 Positions of a span window are ordered from farthest (index 0) to nearest.
 
@@ -15,11 +25,61 @@ The state-dict names (``_mask.current_val``, ``_mask.mask_template``) are those
 of the reference implementation so its checkpoints load unchanged.
 """
 import math
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 TRIM_GRANULARITY = 64  # the reference trims memory in multiples of 64 positions
+WINDOW_BUCKET = 64  # a head's window is its reach rounded up to a multiple of this
+
+
+# ---- the integer rules (plain ints in, plain ints out) ---------------------------
+def reference_span(val: float, max_size: int, ramp: int) -> int:
+    """The reference's span of a value of ``current_val`` (its max or mean):
+    ``clamp(ceil(val * L) + R, 0, L)`` with ``val * L`` in double precision."""
+    return int(min(max(math.ceil(val * max_size) + ramp, 0), max_size))
+
+
+def trim_length(max_span: int, max_size: int) -> int:
+    """How many of the farthest positions the reference drops (a multiple of 64)."""
+    return min(max_size - 1, max_size - max_span) // TRIM_GRANULARITY * TRIM_GRANULARITY
+
+
+def kept_length(max_span: int, max_size: int) -> int:
+    """L', the positions the reference keeps after trimming."""
+    return max_size - trim_length(max_span, max_size)
+
+
+def cache_length(max_span: int, max_size: int, adapt_cache: bool) -> int:
+    """Hidden states to keep between blocks: L, or L' + 64 with the adaptive cache."""
+    if not adapt_cache:
+        return max_size
+    return min(max_size, kept_length(max_span, max_size) + TRIM_GRANULARITY)
+
+
+def head_window(reach: int, keep: int) -> int:
+    """Positions a head scores: its reach rounded up to 64 (at least 64), within L'."""
+    return min(keep, max(WINDOW_BUCKET, -(-reach // WINDOW_BUCKET) * WINDOW_BUCKET))
+
+
+def head_windows(reaches: Sequence[int], keep: int) -> List[int]:
+    """``head_window`` of every head of a layer."""
+    return [head_window(r, keep) for r in reaches]
+
+
+@dataclass(frozen=True)
+class SpanState:
+    """The integers of one layer's spans, computed once per parameter update."""
+    spans: Tuple[int, ...]  # per head: positions whose mask is non-zero
+    reach: Tuple[int, ...]  # per head: positions whose mask or its gradient is non-zero
+    max_span: int  # the reference's span of max(current_val)
+    avg_span: int  # the reference's span of mean(current_val)
+    trim: int  # trim_length(max_span)
+    keep: int  # L' = L - trim
+    cache: int  # cache_length
+    windows: Tuple[int, ...]  # per head: head_window(reach, keep)
 
 
 class AdaptiveMask(nn.Module):
@@ -54,6 +114,7 @@ class AdaptiveSpan(nn.Module):
         self.loss_coeff = loss_coeff
         self.adapt_cache = adapt_cache
         self._mask = AdaptiveMask(attn_span, ramp, init_val, nheads)
+        self._state = None  # (version key, SpanState)
 
     @property
     def current_val(self) -> nn.Parameter:
@@ -70,38 +131,79 @@ class AdaptiveSpan(nn.Module):
             attn = attn / (attn.sum(-1, keepdim=True) + 1e-8)  # (B, K, M, L')
         return attn
 
-    # ---- spans -------------------------------------------------------------
-    def head_spans(self) -> list:
-        """Positions with a non-zero mask, per head: ``clamp(ceil(z) + R, 0, L)``."""
-        z = self.current_val.detach().view(-1).float() * self.attn_span  # (K,)
-        spans = (torch.ceil(z) + self.ramp).clamp(0, self.attn_span)  # (K,)
-        return [int(s) for s in spans.tolist()]
+    # ---- the cached integers -------------------------------------------------
+    def _param_key(self) -> tuple:
+        cv = self.current_val
+        return id(cv), cv._version, cv.device
 
-    def reach(self) -> list:
-        """Per head: positions whose mask *or its gradient* is non-zero (the clamp passes
-        gradient at exactly 0), i.e. where the unclamped mask is >= 0. One host sync."""
+    def state_tensor(self) -> torch.Tensor:
+        """(2K + 2,) float64: head spans, reaches (counts of the mask tensor itself, so
+        they agree with it exactly), then max and mean of current_val."""
         m = self._mask
-        raw = (m.mask_template + m.current_val.detach() * m.max_size) / m.ramp_size + 1  # (K, 1, L)
-        return (raw >= 0).sum(-1).view(-1).tolist()  # K ints
+        cv = m.current_val.detach()  # (K, 1, 1)
+        raw = (m.mask_template + cv * m.max_size) / m.ramp_size + 1  # (K, 1, L) the unclamped mask
+        spans = (raw.clamp(0, 1) > 0).sum(-1).view(-1)  # (K,)
+        reach = (raw >= 0).sum(-1).view(-1)  # (K,)
+        stats = torch.stack([cv.max(), cv.mean()]).double()  # (2,)
+        return torch.cat([spans.double(), reach.double(), stats])  # (2K + 2,)
+
+    def set_state(self, values: Sequence[float]) -> SpanState:
+        """Cache the integers from the plain values of ``state_tensor`` (no sync)."""
+        K, L = self.nheads, self.attn_span
+        max_span = reference_span(values[2 * K], L, self.ramp)
+        keep = kept_length(max_span, L)
+        reach = tuple(int(r) for r in values[K:2 * K])
+        state = SpanState(spans=tuple(int(s) for s in values[:K]), reach=reach,
+                          max_span=max_span, avg_span=reference_span(values[2 * K + 1], L, self.ramp),
+                          trim=trim_length(max_span, L), keep=keep,
+                          cache=cache_length(max_span, L, self.adapt_cache),
+                          windows=tuple(head_windows(reach, keep)))
+        self._state = (self._param_key(), state)
+        return state
+
+    def refresh(self) -> SpanState:
+        """Recompute the cached integers (one host sync)."""
+        return self.set_state(self.state_tensor().tolist())
+
+    def state(self) -> SpanState:
+        """The cached integers; recomputed (one host sync) only if current_val changed."""
+        if self._state is None or self._state[0] != self._param_key():
+            return self.refresh()
+        return self._state[1]
+
+    # ---- spans -------------------------------------------------------------
+    def head_spans(self) -> List[int]:
+        """Per head: the number of positions whose mask is non-zero."""
+        return list(self.state().spans)
+
+    def reach(self) -> List[int]:
+        """Per head: positions whose mask *or its gradient* is non-zero (the clamp passes
+        gradient at exactly 0), i.e. where the unclamped mask is >= 0."""
+        return list(self.state().reach)
+
+    def head_windows(self) -> List[int]:
+        """Per head: the key positions the grouped path scores (``head_window``)."""
+        return list(self.state().windows)
 
     def max_span(self) -> int:
-        z = self.current_val.detach().max().item() * self.attn_span
-        return int(min(max(math.ceil(z) + self.ramp, 0), self.attn_span))
+        """The reference's ``clamp(ceil(max(current_val) * L) + R, 0, L)``."""
+        return self.state().max_span
 
     def avg_span(self) -> float:
-        z = self.current_val.detach().mean().item() * self.attn_span
-        return float(min(max(math.ceil(z) + self.ramp, 0), self.attn_span))
+        """The reference's ``clamp(ceil(mean(current_val) * L) + R, 0, L)``."""
+        return float(self.state().avg_span)
 
     def trim_len(self) -> int:
         """How many of the farthest positions the reference drops (a multiple of 64)."""
-        trim = min(self.attn_span - 1, self.attn_span - self.max_span())
-        return trim // TRIM_GRANULARITY * TRIM_GRANULARITY
+        return self.state().trim
+
+    def kept_len(self) -> int:
+        """L' = L - trim_len()."""
+        return self.state().keep
 
     def cache_size(self) -> int:
         """Hidden states to keep between blocks: L, or the learned span + 64."""
-        if not self.adapt_cache:
-            return self.attn_span
-        return min(self.attn_span, self.attn_span - self.trim_len() + TRIM_GRANULARITY)
+        return self.state().cache
 
     # ---- training hooks ----------------------------------------------------
     def loss(self) -> torch.Tensor:

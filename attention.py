@@ -19,13 +19,14 @@ by their window W (the span rounded up to 64), and each group projects keys and
 values for its last W + M positions only, with its own rows of the projection
 weights, and scores them in query chunks against their own band of W keys.
 """
+import functools
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from adaptive_span import AdaptiveSpan
+from adaptive_span import WINDOW_BUCKET, AdaptiveSpan
 from persistent_memory import PersistentMemory, joint_renormalise, joint_softmax
 
 
@@ -95,12 +96,13 @@ def attend(ctx_logits: torch.Tensor, span_mask: Optional[torch.Tensor],
 def reference_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
                         w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                         span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
-                        dropout: float, training: bool) -> torch.Tensor:
-    """The reference computation. query (B, M, H) projected, h_all (B, C+M, H) -> (B, M, H)."""
+                        dropout: float, training: bool, plan: Optional[tuple] = None) -> torch.Tensor:
+    """The reference computation. query (B, M, H) projected, h_all (B, C+M, H) -> (B, M, H).
+    ``plan``: ``attention_plan``'s integers, read from ``span`` when None."""
     B, M, H = query.shape
     L = key_pe.size(-1)
     D = H // nheads
-    trim = span.trim_len() if span is not None else 0
+    trim = L - (plan[0] if plan is not None else kept_length(span, L))
     key = F.linear(h_all, w_key)  # (B, C+M, H)
     val = F.linear(h_all, w_val)  # (B, C+M, H)
     key = fit_memory(key, M, L - trim)  # (B, L'+M, H)
@@ -121,40 +123,90 @@ def reference_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.T
 
 
 # ---- grouped attention: the cost follows each head's span ----------------------
-BUCKET = 64  # head windows are rounded up to a multiple of this many positions
+BUCKET = WINDOW_BUCKET  # head windows are rounded up to a multiple of this many positions
+
+# Cost model of one group of G heads over window W with query chunks of c (per batch
+# row, in multiply-add equivalents): G * M * (D * (2 (c + W) + W)   [q.k, q.pe, p.v]
+#   + 2 D H (W + M) / M   [its key and value rows]  + ELEM_COST * (W + 2 (c + W)))
+# [element-wise passes over the (M, W) logits, the skew and unskew of (M, c + W)],
+# plus GROUP_COST per group and CHUNK_COST per extra query chunk, independent of B.
+# Measured once by `OMP_NUM_THREADS=1 python scripts/fit_attention_cost.py --cases 40`
+# (2026-12-03, 2 shared CPU cores under a load of ~4.5, torch 2.13.0): a least-squares fit
+# of _group_attention forward+backward times gave 15 GMAC/s and 58.5 MAC-equivalents per
+# logit element; the time left over in the smallest groups gave 5.4e6 per group and 9.4e5
+# per extra chunk. Rounded below; the plan depends on the shapes only, never on a timing.
+ELEM_COST = 60.0
+GROUP_COST = 5.0e6
+CHUNK_COST = 1.0e6
 
 
 def kept_length(span: Optional[AdaptiveSpan], max_span: int) -> int:
-    """L', the positions the reference keeps after trimming (a host sync)."""
-    return max_span - span.trim_len() if span is not None else max_span
+    """L', the positions the reference keeps after trimming (cached, no host sync)."""
+    return span.kept_len() if span is not None else max_span
 
 
 def head_windows(span: Optional[AdaptiveSpan], nheads: int, max_span: int,
                  keep: Optional[int] = None) -> List[int]:
-    """Positions each head must see: every position whose span mask *or its gradient*
-    is non-zero (the clamp passes gradient at exactly 0), rounded up to ``BUCKET`` and
-    kept within the reference's trimmed length L' (``keep``). One host sync per call."""
-    keep = kept_length(span, max_span) if keep is None else keep
+    """Positions each head must see (``AdaptiveSpan.head_windows``: every position whose
+    span mask *or its gradient* is non-zero, rounded up to 64, within L'); L' for every
+    head without adaptive span. Cached integers, no host sync."""
     if span is None:
-        return [keep] * nheads
-    return [min(keep, max(BUCKET, -(-r // BUCKET) * BUCKET)) for r in span.reach()]
+        return [max_span if keep is None else keep] * nheads
+    return span.head_windows()
 
 
-def group_heads(windows: List[int]):
-    """[(window, heads)] sorted by window; ``heads`` is a slice when contiguous, else a
-    list of head indices. Also returns the head order of the concatenated groups."""
-    groups = {}
-    for head, window in enumerate(windows):
-        groups.setdefault(window, []).append(head)
+def attention_plan(span: Optional[AdaptiveSpan], nheads: int, max_span: int, batch: int,
+                   block: int, width: int) -> tuple:
+    """(L', groups, head order): every integer a layer's attention needs, from the span's
+    cached state (no host sync). Computed outside the forward when it is compiled."""
+    windows = tuple(head_windows(span, nheads, max_span))
+    return (kept_length(span, max_span),) + plan_groups(windows, batch, block, width)
+
+
+def group_cost(batch: int, block: int, width: int, hidden: int, window: int, heads: int,
+               chunk: int) -> float:
+    """The cost model above, for G = ``heads`` heads of dim D = ``width``."""
+    M, D, W, c = block, width, window, chunk
+    per_head = M * (D * (2 * (c + W) + W) + ELEM_COST * (W + 2 * (c + W))) + 2 * D * hidden * (W + M)
+    return batch * heads * per_head + GROUP_COST + CHUNK_COST * (-(-M // c) - 1)
+
+
+def best_chunk(batch: int, block: int, width: int, hidden: int, window: int, heads: int) -> int:
+    """The cheaper of one dense product (c = M) and chunks of about the window."""
+    return min((block, chunk_size(block, window)),
+               key=lambda c: group_cost(batch, block, width, hidden, window, heads, c))
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_groups(windows: Tuple[int, ...], batch: int, block: int, width: int):
+    """Partition the heads into groups of one window each, by the cost model: heads are
+    sorted by window and each group is a run of that order scored over its widest window
+    (dynamic programming over the runs). Returns [(window, chunk, heads)] with ``heads`` a
+    slice when contiguous, else a tuple, and the head order of the concatenated groups."""
+    hidden = width * len(windows)
+    distinct = sorted(set(windows))
+    count = [sum(1 for w in windows if w == d) for d in distinct]
+    best = [(0.0, -1)] + [(math.inf, -1)] * len(distinct)  # best[j]: cost of runs 0..j-1
+    for j in range(1, len(distinct) + 1):
+        for i in range(j):
+            G, W = sum(count[i:j]), distinct[j - 1]
+            c = best_chunk(batch, block, width, hidden, W, G)
+            cost = best[i][0] + group_cost(batch, block, width, hidden, W, G, c)
+            if cost < best[j][0]:
+                best[j] = (cost, i)
+    cuts, j = [], len(distinct)
+    while j > 0:
+        cuts.append((best[j][1], j))
+        j = best[j][1]
     out, order = [], []
-    for window in sorted(groups):
-        heads = groups[window]
+    for i, j in reversed(cuts):
+        W = distinct[j - 1]
+        heads = [k for k, w in enumerate(windows) if distinct[i] <= w <= W]
         order.extend(heads)
-        if heads == list(range(heads[0], heads[-1] + 1)):
-            out.append((window, slice(heads[0], heads[-1] + 1)))
-        else:
-            out.append((window, heads))
-    return out, order
+        c = best_chunk(batch, block, width, hidden, W, len(heads))
+        contiguous = heads == list(range(heads[0], heads[-1] + 1))
+        out.append((W, c, slice(heads[0], heads[-1] + 1) if contiguous else tuple(heads)))
+    return out, tuple(order)
 
 
 def chunk_size(block: int, window: int) -> int:
@@ -196,26 +248,24 @@ def _select(x: torch.Tensor, heads, dim: int) -> torch.Tensor:
     """Heads ``heads`` (slice or index list) of ``x`` along ``dim``."""
     if isinstance(heads, slice):
         return x[(slice(None),) * dim + (heads,)]
-    index = torch.tensor(heads, device=x.device)  # (G,)
+    index = torch.tensor(list(heads), device=x.device)  # (G,)
     return x.index_select(dim, index)
 
 
 def _pick(heads):
     """Head selector for PersistentMemory: the slice, or an index tensor."""
-    return heads if isinstance(heads, slice) else torch.tensor(heads)
+    return heads if isinstance(heads, slice) else torch.tensor(list(heads))
 
 
 def _group_attention(q: torch.Tensor, h: torch.Tensor, w_key: torch.Tensor,
                      w_val: torch.Tensor, pe: torch.Tensor, mask: Optional[torch.Tensor],
-                     pers: Optional[PersistentMemory], heads, dropout: float,
+                     pers: Optional[PersistentMemory], heads, chunk: int, dropout: float,
                      training: bool) -> torch.Tensor:
     """Attention of G heads over their window W: q (B, G, M, D), h (B, W+M, H), w_key and
     w_val (G*D, H), pe (1, D, W), mask (G, 1, W) or None -> (B, G, M, D)."""
-    G, M, D = q.size(1), q.size(2), q.size(3)
-    window = pe.size(-1)
+    G, D = q.size(1), q.size(3)
     k = split_heads(F.linear(h, w_key), G)  # (B, G, W+M, D)
     v = split_heads(F.linear(h, w_val), G)  # (B, G, W+M, D)
-    chunk = chunk_size(M, window)
     logits = band_logits(q, k, chunk)  # (B, G, M, W)
     logits = logits + torch.matmul(q, pe.unsqueeze(0))  # (B, G, M, W)
     pers_logits = pers.logits(q, _pick(heads)) if pers is not None else None  # (B, G, M, N)
@@ -231,20 +281,18 @@ def _group_attention(q: torch.Tensor, h: torch.Tensor, w_key: torch.Tensor,
 def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
                       w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                       span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
-                      dropout: float, training: bool) -> torch.Tensor:
+                      dropout: float, training: bool, plan: Optional[tuple] = None) -> torch.Tensor:
     """The function of ``reference_attention`` (up to the 1e-8 term) at a cost that
-    follows each head's span: heads sharing a window W are projected, scored and
-    read over their own W positions only (when every head needs the whole kept span
-    L', this is the reference computation itself). query (B, M, H), h_all (B, C+M, H)
-    -> (B, M, H)."""
+    follows each head's span: heads are grouped by ``plan_groups`` and each group is
+    projected, scored and read over its own window W only (one group of every head
+    over W = L' is the reference computation with only the kept positions projected).
+    query (B, M, H), h_all (B, C+M, H) -> (B, M, H)."""
     B, M, H = query.shape
     L = key_pe.size(-1)
     K, D = nheads, H // nheads
-    keep = kept_length(span, L)
-    groups, order = group_heads(head_windows(span, K, L, keep))
-    if len(groups) == 1 and groups[0][0] == keep:  # every head needs all of L': nothing to save
-        return reference_attention(query, h_all, w_key, w_val, key_pe, nheads, span, pers,
-                                   dropout, training)
+    if plan is None:
+        plan = attention_plan(span, K, L, B, M, D)
+    _, groups, order = plan
     q_all = split_heads(query, K)  # (B, K, M, D)
     wk = w_key.view(K, D, H)  # (K, D, H)
     wv = w_val.view(K, D, H)  # (K, D, H)
@@ -253,19 +301,20 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
     # backward pass fills full-length (L+M) gradient buffers once, not once per group
     h = fit_memory(h_all, M, groups[-1][0])  # (B, W+M, H)
     pe, outs = key_pe[:, :, L - groups[-1][0]:], []  # (1, D, W)
-    for window, heads in reversed(groups):
+    for window, chunk, heads in reversed(groups):
         h = h[:, h.size(1) - M - window:]  # (B, W+M, H)
         pe = pe[:, :, pe.size(-1) - window:]  # (1, D, W)
-        G = wk[heads].size(0) if isinstance(heads, slice) else len(heads)
+        q = _select(q_all, heads, 1)  # (B, G, M, D)
+        G = q.size(1)
         mask = None
         if mask_all is not None:
             mask = _select(mask_all, heads, 0)[:, :, L - window:]  # (G, 1, W)
-        outs.append(_group_attention(_select(q_all, heads, 1), h,
-                                     _select(wk, heads, 0).reshape(G * D, H),
-                                     _select(wv, heads, 0).reshape(G * D, H), pe, mask, pers,
-                                     heads, dropout, training))  # (B, G, M, D)
-    out = torch.cat(outs[::-1], dim=1) if len(outs) > 1 else outs[0]  # (B, K, M, D) in group order
-    if order != list(range(K)):
+        wk_g = _select(wk, heads, 0).reshape(G * D, H)  # (G*D, H)
+        wv_g = _select(wv, heads, 0).reshape(G * D, H)  # (G*D, H)
+        out = _group_attention(q, h, wk_g, wv_g, pe, mask, pers, heads, chunk, dropout, training)
+        outs.append(out.transpose(1, 2))  # (B, M, G, D)
+    out = torch.cat(outs[::-1], dim=2) if len(outs) > 1 else outs[0]  # (B, M, K, D) in group order
+    if order != tuple(range(K)):
         inverse = sorted(range(K), key=order.__getitem__)
-        out = out.index_select(1, torch.tensor(inverse, device=out.device))  # (B, K, M, D)
-    return merge_heads(out)  # (B, M, H)
+        out = out.index_select(2, torch.tensor(inverse, device=out.device))  # (B, M, K, D)
+    return out.reshape(B, M, H)  # (B, M, H)

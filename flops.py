@@ -27,21 +27,22 @@ cluster (2*H*d_i + 2*d_i*S_i), i.e. the full distribution as ``log_prob`` comput
 it (training evaluates a tail only for tokens whose target lies in it).
 
 The windows are those of the attention path in use:
-- ``grouped``: each head's own window, ``attention.head_windows`` (the positions
-  whose mask or its gradient is non-zero, rounded up to 64, within L');
+- ``grouped``: each head's own window, ``AdaptiveSpan.head_windows`` (the positions
+  whose mask or its gradient is non-zero, rounded up to 64, within L'; the rule is
+  ``adaptive_span.head_window``);
 - ``reference``: L' for every head of the layer;
 - ``max``: L for every head (a fixed span at the maximum).
 This is the useful work of the attention. The implementations do more: the
 reference's dense content product scores M + L' keys per query and keeps L', the
-grouped path's banded product scores chunk + W, and both re-project the keys and
-values of the cached positions at every block. scripts/bench.py counts that
-executed work.
+grouped path's banded product scores chunk + W (and its cost model may score a head
+over a wider window of a merged group, attention.plan_groups), and both re-project
+the keys and values of the cached positions at every block. scripts/bench.py counts
+that executed work.
 """
 from dataclasses import dataclass
 from typing import List
 
 from adaptive_io import cluster_bounds, cluster_dims
-from attention import head_windows
 from models import ModelConfig, TransformerSeq
 
 WINDOW_KINDS = ("grouped", "reference", "max")
@@ -85,9 +86,9 @@ def layer_windows(model: TransformerSeq, kind: str = "") -> List[List[int]]:
         if span is None or kind == "max":
             out.append([L] * K)
         elif kind == "reference":
-            out.append([L - span.trim_len()] * K)
+            out.append([span.kept_len()] * K)
         else:
-            out.append(head_windows(span, K, L))
+            out.append(span.head_windows())
     return out
 
 

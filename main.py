@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import checkpoint as ckpt_io
+from compile_model import compile_layers
 import flops
 import plots  # matplotlib is imported lazily, only for the spans image
 from data import DataConfig, load_corpus
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     a("--seed", type=int, default=1111)
     a("--attn-impl", choices=sorted(ATTN_IMPLS), default=ModelConfig.attn_impl)
+    a("--compile", action="store_true", help="torch.compile every layer (static shapes; compile_model.py)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast on CUDA")
     a("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
@@ -329,6 +331,8 @@ def run(argv=None) -> int:
     model, model_cfg, train_cfg = build_model(args, len(corpus.vocab), dist.device)
     if ckpt is not None:
         ckpt_io.load_model_state(model, ckpt, args.checkpoint)
+    if args.compile:
+        compile_layers(model, log=log)
     ddp_model = wrap_ddp(model, dist)
     log(f"params: {model.num_parameters():,} ({model.num_parameters() / 1e6:.2f}M) "
         f"vocab: {len(corpus.vocab)} ranks: {dist.world_size} device: {dist.device}")

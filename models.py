@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from adaptive_io import build_adaptive_io, tied_counterpart, tied_mismatches, zero_dependency
 from adaptive_span import AdaptiveSpan
-from attention import grouped_attention, reference_attention
+from attention import attention_plan, grouped_attention, reference_attention
 from persistent_memory import PersistentMemory
 
 ATTN_IMPLS = {"grouped": grouped_attention, "reference": reference_attention}
@@ -66,6 +66,7 @@ class SeqAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.nheads = cfg.nheads
+        self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
         self.impl = ATTN_IMPLS[cfg.attn_impl]
         self.adaptive_span = None
@@ -78,9 +79,14 @@ class SeqAttention(nn.Module):
             self.persistent_memory = PersistentMemory(cfg.pers_mem_size, cfg.nheads, cfg.head_dim,
                                                       cfg.dropout)
 
-    def forward(self, query, h_all, w_key, w_val, key_pe):
+    def plan(self, batch: int, block: int, max_span: int) -> tuple:
+        """The integers of this layer's attention (``attention.attention_plan``)."""
+        return attention_plan(self.adaptive_span, self.nheads, max_span, batch, block,
+                              self.head_dim)
+
+    def forward(self, query, h_all, w_key, w_val, key_pe, plan=None):
         return self.impl(query, h_all, w_key, w_val, key_pe, self.nheads, self.adaptive_span,
-                         self.persistent_memory, self.dropout, self.training)  # (B, M, H)
+                         self.persistent_memory, self.dropout, self.training, plan)  # (B, M, H)
 
 
 class MultiHeadSeqAttention(nn.Module):
@@ -94,10 +100,12 @@ class MultiHeadSeqAttention(nn.Module):
         self.proj_val = nn.Linear(H, H, bias=False)
         self.proj_key = nn.Linear(H, H, bias=False)
 
-    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor,
+                plan: Optional[tuple] = None) -> torch.Tensor:
         h_all = torch.cat([cache, h], dim=1)  # (B, C+M, H)
         query = self.proj_query(h)  # (B, M, H)
-        out = self.attn(query, h_all, self.proj_key.weight, self.proj_val.weight, key_pe)  # (B, M, H)
+        out = self.attn(query, h_all, self.proj_key.weight, self.proj_val.weight, key_pe,
+                        plan)  # (B, M, H)
         return self.proj_out(out)  # (B, M, H)
 
 
@@ -129,8 +137,11 @@ class TransformerSeqLayer(nn.Module):
     def span(self) -> Optional[AdaptiveSpan]:
         return self.attn.attn.adaptive_span
 
-    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(h + self.attn(h, cache, key_pe))  # (B, M, H)
+    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor,
+                plan: Optional[tuple] = None) -> torch.Tensor:
+        """``plan``: the attention's integers (``SeqAttention.plan``), read from the span
+        when None; a compiled layer is given them, so that they are guarded constants."""
+        h = self.norm1(h + self.attn(h, cache, key_pe, plan))  # (B, M, H)
         if self.ff is not None:
             h = self.norm2(h + self.ff(h))  # (B, M, H)
         return h
@@ -159,6 +170,9 @@ class TransformerSeq(nn.Module):
             self.in_emb = nn.Embedding(V, H)
             self.out_emb = nn.Linear(H, V)
         self.layers = nn.ModuleList(TransformerSeqLayer(cfg) for _ in range(cfg.nlayers))
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.compiled_layers = None  # set by compile_model.compile_layers
+        self.refresh_spans()
 
     # ---- forward -----------------------------------------------------------
     def forward(self, x: torch.Tensor, caches: List[torch.Tensor],
@@ -168,9 +182,12 @@ class TransformerSeq(nn.Module):
         h = self.in_emb(x)  # (B, M, H)
         h = F.dropout(h, self.cfg.emb_dropout, self.training)  # (B, M, H)
         next_caches = []
-        for layer, cache in zip(self.layers, caches):
+        B, M = x.shape
+        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             next_caches.append(update_cache(cache, h, self.layer_cache_size(layer)))  # (B, C', H)
-            h = layer(h, cache, self.key_pe)  # (B, M, H)
+            plan = layer.attn.attn.plan(B, M, self.cfg.attn_span)
+            run = self.compiled_layers[i] if self.compiled_layers else layer
+            h = run(h, cache, self.key_pe, plan)  # (B, M, H)
         h = F.dropout(h, self.cfg.emb_dropout, self.training)  # (B, M, H)
         return self.output(h, target), next_caches
 
@@ -211,8 +228,25 @@ class TransformerSeq(nn.Module):
         return torch.stack(losses).sum() if losses else self.key_pe.new_zeros(())
 
     def clamp_spans(self) -> None:
+        """Clamp every span parameter to [0, 1], then ``refresh_spans``."""
         for span in self._spans():
             span.clamp_param()
+        self.refresh_spans()
+
+    def refresh_spans(self) -> None:
+        """Cache every layer's span integers (spans, windows, trim, cache size) with one
+        host sync for the whole model, so that forward passes make none. Called at
+        construction, by ``clamp_spans`` (after each optimizer step) and after
+        ``load_state_dict``; a span changed in place elsewhere refreshes itself on its
+        next use (see AdaptiveSpan.state)."""
+        spans = self._spans()
+        if not spans or self.key_pe.is_meta:  # a shape-only model has no values to read
+            return
+        states = [span.state_tensor() for span in spans]  # (2K + 2,) each
+        values = torch.cat([s.to(states[0].device) for s in states]).tolist()
+        size = len(values) // len(spans)
+        for i, span in enumerate(spans):
+            span.set_state(values[i * size:(i + 1) * size])
 
     def head_spans(self) -> List[List[int]]:
         """Per layer, per head: positions with a non-zero mask (L without adaptive span)."""
@@ -258,6 +292,11 @@ def from_reference_state_dict(state: dict) -> dict:
         if other is not None and other not in out:
             out[other] = out[key]
     return out
+
+
+def _refresh_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: the loaded spans' integers are cached at once."""
+    module.refresh_spans()
 
 
 def _check_tied_state(module, state, prefix, local_metadata, strict, missing, unexpected, errors):

@@ -47,24 +47,45 @@ class AdagradWithGradClip(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient, in a few multi-tensor (foreach)
+        operations and without host syncs: the per-tensor clip factor
+        ``min(1, clip / (|g| + 1e-10))`` is applied on the device."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["sum"] = torch.zeros_like(p)
-                state["step"] += 1
-                clr = group["lr"] / (1 + (state["step"].item() - 1) * group["lr_decay"])
-                if group["grad_clip"] > 0:
-                    norm = grad.norm().item()
-                    if norm > group["grad_clip"]:
-                        clr *= group["grad_clip"] / (norm + 1e-10)
-                state["sum"].addcmul_(grad, grad, value=1)
-                std = state["sum"].sqrt().add_(group["eps"])
-                p.addcdiv_(grad, std, value=-clr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["step"] = torch.tensor(0.0)
+                    self.state[p]["sum"] = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            steps = [self.state[p]["step"] for p in params]
+            sums = [self.state[p]["sum"] for p in params]
+            torch._foreach_add_(steps, 1)
+            torch._foreach_addcmul_(sums, grads, grads, value=1)
+            std = torch._foreach_sqrt(sums)
+            torch._foreach_add_(std, group["eps"])
+            if group["grad_clip"] <= 0 and group["lr_decay"] == 0:
+                torch._foreach_addcdiv_(params, grads, std, value=-group["lr"])
+                continue
+            rate = self._step_sizes(group, grads, steps)  # (P,)
+            updates = torch._foreach_div(grads, std)
+            torch._foreach_mul_(updates, [r.to(p.device) for r, p in zip(rate.unbind(), params)])
+            torch._foreach_add_(params, updates)
+
+    @staticmethod
+    def _step_sizes(group: dict, grads: list, steps: list) -> torch.Tensor:
+        """Per tensor: minus the learning rate, decayed, times the clip factor. (P,)"""
+        device = grads[0].device
+        rate = torch.full((len(grads),), -group["lr"], dtype=torch.float64, device=device)  # (P,)
+        if group["lr_decay"] != 0:
+            count = torch.stack([s.to(device) for s in steps]).double()  # (P,)
+            rate = rate / (1 + (count - 1) * group["lr_decay"])  # (P,)
+        if group["grad_clip"] > 0:
+            clip = group["grad_clip"]
+            norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)]).double()  # (P,)
+            rate = rate * torch.where(norms > clip, clip / (norms + 1e-10), 1.0)  # (P,)
+        return rate.float()  # (P,)
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -6,11 +6,17 @@ D head dim, V vocabulary.
 Reports, for both paths side by side in one run:
   1. one attention layer (B=4, K=8, D=64, M=512; --quick: B=1, M=256),
      forward+backward median time and peak memory, at max span 1024..8192 for
-     head spans (a) all short, (b) mixed, (c) all at max;
+     head spans (a) "learned": 34..72 in every head, as heads learn them on enwik8,
+     (b) "short": 32..512, (c) "mixed": short heads and one at the max span,
+     (d) "max": all at the max span; the ratio is default (grouped) / reference speed;
   2. a whole training step of a medium model (4 layers, hidden 128, 4 heads,
      block 128, batch 8, short learned spans and one long head per layer):
      tokens/s and peak memory at max span 512 and 4096;
   3. attention multiply-adds per token of each path (attention_flops_per_token);
+  4. step efficiency of the medium model (max span 512, Adagrad, adaptive span + cache)
+     at learned spans: the step's FLOPs (flops.py forward FLOPs x 3) per second over an
+     fp32 matmul rate measured in the same run, for both paths, and peak memory;
+     with --compile also torch.compile (compile time, graphs, step time);
   with --device cuda --config enwik8: the enwik8 model (bf16 autocast) tokens/s,
   peak memory and MFU.
 
@@ -18,17 +24,15 @@ Timings: medians, the two paths alternating in one process. Peak memory: one
 path per fresh process, over one step after a warm-up step; on CPU the growth of
 the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs)
 over the resident size before the step (glibc is told to return freed memory
-at once: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, malloc_trim), on CUDA torch.cuda.max_memory_allocated
-over the allocated memory before the step.
+at once: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, malloc_trim), on CUDA
+torch.cuda.max_memory_allocated over the allocated memory before the step (measure.py).
 
     python scripts/bench.py --quick [--json FILE] [--threads 1] [--device cpu]
 """
 import argparse
-import ctypes
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -38,11 +42,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import flops  # noqa: E402
 from adaptive_span import AdaptiveSpan  # noqa: E402
-from attention import BUCKET, chunk_size  # noqa: E402
+from attention import plan_groups  # noqa: E402
+from compile_model import compile_layers  # noqa: E402
+from measure import matmul_seconds, peak_memory_mb, time_interleaved  # noqa: E402
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
+from trainer import AdagradWithGradClip  # noqa: E402
 
 IMPLS = ("reference", "grouped")
+PROFILES = ("learned", "short", "mixed", "max")
 RAMP = 32
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 
@@ -50,6 +59,8 @@ H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 # ---- spans ---------------------------------------------------------------------
 def profile_spans(profile: str, max_span: int, nheads: int) -> list:
     """Head spans (positions with a non-zero mask) of a span profile."""
+    if profile == "learned":
+        return [34 + (72 - 34) * k // (nheads - 1) for k in range(nheads)]  # 34 .. 72
     if profile == "short":
         return [32 + (512 - 32) * k // (nheads - 1) for k in range(nheads)]  # 32 .. 512
     if profile == "mixed":
@@ -67,18 +78,28 @@ def set_spans(span: AdaptiveSpan, spans: list) -> None:
 
 
 # ---- FLOPs ---------------------------------------------------------------------
-def _windows(head_spans: list, max_span: int, impl: str) -> list:
-    """Key positions each head scores: L' (all heads) for the reference, the head's
-    bucketed window for the grouped path."""
-    trim = min(max_span - 1, max_span - max(head_spans)) // BUCKET * BUCKET
-    keep = max_span - trim
+def span_module(head_spans: list, max_span: int) -> AdaptiveSpan:
+    """A span module whose head_spans() are ``head_spans`` (its windows, trim and cache
+    follow from the rules of adaptive_span.py)."""
+    span = AdaptiveSpan(max_span, len(head_spans), ramp=RAMP)
+    set_spans(span, head_spans)
+    return span
+
+
+def executed_groups(head_spans: list, max_span: int, impl: str, batch: int, block: int,
+                    width: int) -> list:
+    """[(window, chunk, heads)] the path runs: L' for every head (reference), else the
+    groups of attention.plan_groups."""
+    span = span_module(head_spans, max_span)
     if impl == "reference":
-        return [keep] * len(head_spans)
-    return [min(keep, max(BUCKET, -(-s // BUCKET) * BUCKET)) for s in head_spans]
+        return [(span.kept_len(), block, len(head_spans))]
+    groups, _ = plan_groups(tuple(span.head_windows()), batch, block, width)
+    return [(w, c, len(range(len(head_spans))[h]) if isinstance(h, slice) else len(h))
+            for w, c, h in groups]
 
 
 def attention_flops_per_token(cfg: ModelConfig, head_spans: list, impl: str,
-                              block_size: int) -> float:
+                              block_size: int, batch: int = 8) -> float:
     """Multiply-adds per token of one forward pass of the attention of all layers:
     content logits QK^T, position logits, probs@V and the K/V projections (the
     query and output projections do not depend on the span and are left out).
@@ -87,12 +108,10 @@ def attention_flops_per_token(cfg: ModelConfig, head_spans: list, impl: str,
     M, H, D, L = block_size, cfg.hidden_size, cfg.head_dim, cfg.attn_span
     total = 0.0
     for spans in per_layer:
-        for W in _windows(spans, L, impl):
-            band = M + W if impl == "reference" else chunk_size(M, W) + W  # keys per query
-            total += band * D  # content logits (the banded or dense product)
-            total += W * D  # position logits
-            total += band * D  # probs @ V
-            total += 2 * (W + M) / M * H * D  # this head's K and V rows, per query
+        for W, chunk, heads in executed_groups(spans, L, impl, batch, M, D):
+            band = chunk + W  # keys per query of the banded (or dense: chunk = M) product
+            total += heads * (band * D + W * D + band * D)  # q.k, q.pe, probs @ V
+            total += heads * 2 * (W + M) / M * H * D  # the group's K and V rows, per query
     return total
 
 
@@ -101,65 +120,6 @@ def model_flops_per_token(cfg: ModelConfig, head_spans: list, impl: str, block_s
     H, I, V = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size
     dense = cfg.nlayers * (2 * H * H + (2 * H * I if cfg.has_ff else 0)) + H * V
     return 3 * 2 * (dense + attention_flops_per_token(cfg, head_spans, impl, block_size))
-
-
-# ---- measurement ---------------------------------------------------------------
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak resident set size (VmHWM) to the current one; return it in bytes."""
-    try:  # hand freed heap memory back first, so that the baseline holds live memory only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status_kib("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    return _proc_status_kib("VmHWM") * 1024
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(steps: dict, device: str, repeats: int) -> dict:
-    """Median seconds per step of each (warmed-up) path, the paths alternating
-    within every repeat (so both see the same machine load)."""
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            _sync(device)
-            start = time.perf_counter()
-            steps[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_memory_mb(step, device: str) -> float:
-    """Peak memory of one step after a warm-up step (see the module docstring)."""
-    step()  # one-time allocations (thread pools, optimizer state) are not counted
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = reset_peak_rss()
-    step()
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-    return (peak - base) / 2**20
 
 
 def layer_step(impl: str, max_span: int, profile: str, B: int, M: int, device: str):
@@ -183,13 +143,16 @@ def layer_step(impl: str, max_span: int, profile: str, B: int, M: int, device: s
     return step
 
 
-def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16: bool):
-    """A training step: forward, span loss, backward, Adagrad step, span reset."""
+def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16: bool,
+               compiled: bool = False):
+    """A training step: forward, span loss, backward, Adagrad step (the reference's,
+    lr 0.07, clip 0.03), span reset."""
     torch.manual_seed(0)
     model = TransformerSeq(cfg).to(device)
     for layer in model.layers:
         set_spans(layer.span, spans)
-    opt = torch.optim.Adagrad(model.parameters(), lr=0.07)
+    counter = compile_layers(model) if compiled else None
+    opt = AdagradWithGradClip(model.parameters(), lr=0.07, grad_clip=0.03)
     x = torch.randint(0, cfg.vocab_size, (B, M + 1), device=device)
     state = {"caches": [torch.randn_like(c) for c in model.init_cache(B, device)]}
 
@@ -202,8 +165,10 @@ def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16:
         opt.step()
         for layer in model.layers:  # keep the spans where they were set
             set_spans(layer.span, spans)
+        model.refresh_spans()  # as clamp_spans does after every update
         state["caches"] = caches
 
+    step.counter = counter
     return step
 
 
@@ -231,14 +196,51 @@ def make_step(spec: dict, impl: str):
         L = spec["max_span"]
         cfg = medium_config(L)
         cfg.attn_impl = impl
-        return model_step(cfg, [s or L for s in MEDIUM_SPANS], 8, 128, spec["device"], False)
+        spans = spec.get("spans") or [s or L for s in MEDIUM_SPANS]
+        return model_step(cfg, spans, 8, 128, spec["device"], False)
     return model_step(enwik8_config(impl), ENWIK8_SPANS, 8, 512, "cuda", True)  # "enwik8"
 
 
+def efficiency_worker(spec: dict) -> dict:
+    """Medians of the medium model's step (both paths) and of a 512^3 fp32 matmul, all
+    alternating in this process; FLOPs per step from flops.py (forward x 3)."""
+    steps, step_flops = {}, {}
+    for impl in IMPLS:
+        cfg = dict(medium_config(spec["max_span"]).to_dict(), attn_impl=impl)
+        steps[impl] = make_step(dict(spec, kind="model"), impl)
+        steps[impl]()  # warm-up
+        model = TransformerSeq(ModelConfig(**cfg))
+        for layer in model.layers:
+            set_spans(layer.span, spec["spans"])
+        step_flops[impl] = 3 * flops.flops_per_token(model).model * 8 * 128
+    steps["matmul"], mm_flops = matmul_seconds()
+    times = time_interleaved(steps, "cpu", spec["repeats"])
+    rate = mm_flops / times.pop("matmul")
+    return {"matmul_flops_per_s": rate, **{impl: {"seconds": times[impl], "flops": step_flops[impl],
+                                                  "efficiency": step_flops[impl] / times[impl] / rate}
+                                           for impl in IMPLS}}
+
+
+def compile_worker(spec: dict) -> dict:
+    """The medium model's step (default path) eager and compiled: the first compiled step
+    (compilation included), graphs, then medians of both alternating."""
+    eager = model_step(medium_config(spec["max_span"]), spec["spans"], 8, 128, "cpu", False)
+    compiled = model_step(medium_config(spec["max_span"]), spec["spans"], 8, 128, "cpu", False, True)
+    eager()
+    start = time.perf_counter()
+    compiled()
+    first = time.perf_counter() - start
+    times = time_interleaved({"eager": eager, "compiled": compiled}, "cpu", spec["repeats"])
+    return {"compile_s": first, "graphs": compiled.counter.graphs, **times}
+
+
 def run_worker(spec: dict) -> dict:
-    """mode "time": both paths, interleaved; mode "mem": one path's peak memory."""
+    """mode "time": both paths, interleaved; mode "mem": one path's peak memory;
+    mode "efficiency": efficiency_worker."""
     torch.set_num_threads(spec["threads"])
     try:
+        if spec["mode"] in ("efficiency", "compile"):
+            return (efficiency_worker if spec["mode"] == "efficiency" else compile_worker)(spec)
         if spec["mode"] == "mem":
             return {"peak_mb": peak_memory_mb(make_step(spec, spec["impl"]), spec["device"])}
         steps = {}
@@ -281,13 +283,13 @@ def measure_case(spec: dict) -> dict:
 def layer_section(args, B: int, M: int, repeats: int) -> list:
     rows = []
     for max_span in args.spans:
-        for profile in ("short", "mixed", "max"):
+        for profile in PROFILES:
             row = {"max_span": max_span, "profile": profile, "B": B, "M": M}
             row.update(measure_case({"kind": "layer", "max_span": max_span, "profile": profile,
                                      "B": B, "M": M, "device": args.device, "repeats": repeats,
                                      "threads": args.threads}))
             row["speedup"] = row["reference"]["seconds"] / row["grouped"]["seconds"]
-            print(f"{max_span:>6} {profile:>6} | {row['reference']['seconds'] * 1e3:9.1f} "
+            print(f"{max_span:>6} {profile:>7} | {row['reference']['seconds'] * 1e3:9.1f} "
                   f"{row['grouped']['seconds'] * 1e3:9.1f} {row['speedup']:6.2f}x | "
                   f"{row['reference']['peak_mb']:8.0f} {row['grouped']['peak_mb']:8.0f}", flush=True)
             rows.append(row)
@@ -314,7 +316,7 @@ def flops_section(args, M: int) -> list:
     rows = []
     cases = [(f"layer {p}", ModelConfig(vocab_size=205, hidden_size=512, nlayers=1, nheads=8,
                                         attn_span=L), profile_spans(p, L, 8), M)
-             for L in args.spans for p in ("short", "mixed", "max")]
+             for L in args.spans for p in PROFILES]
     cases += [("medium model", medium_config(L), [s or L for s in MEDIUM_SPANS], 128)
               for L in (512, 4096)]
     cases.append(("enwik8 model", enwik8_config("grouped"), ENWIK8_SPANS, 512))
@@ -343,6 +345,29 @@ def enwik8_section(args, repeats: int) -> list:
     return rows
 
 
+def efficiency_section(args, repeats: int) -> dict:
+    """The medium model at learned spans: step time, FLOPs / matmul rate, peak memory."""
+    spans = profile_spans("learned", 512, 4)
+    spec = {"kind": "model", "max_span": 512, "spans": spans, "device": "cpu",
+            "repeats": max(repeats, 5), "threads": args.threads}
+    row = dict(spawn(dict(spec, mode="efficiency")), spans=spans)
+    for impl in IMPLS:
+        row[impl]["peak_mb"] = spawn(dict(spec, mode="mem", impl=impl))["peak_mb"]
+    print(f"fp32 matmul rate (512^3, same run): {row['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    for impl in IMPLS:
+        r = row[impl]
+        print(f"{impl:>10} | {r['seconds'] * 1e3:8.1f} ms | {r['flops'] / 1e9:6.2f} GFLOP | "
+              f"efficiency {r['efficiency']:.2f} | {r['peak_mb']:6.0f} MB", flush=True)
+    row["speedup"] = row["reference"]["seconds"] / row["grouped"]["seconds"]
+    print(f"default/reference speed {row['speedup']:.2f}x")
+    if args.compile:
+        row["compile"] = c = spawn(dict(spec, mode="compile"))
+        print(f"torch.compile (inductor, default path): first step {c['compile_s']:.1f} s "
+              f"({c['graphs']} graphs), then {c['compiled'] * 1e3:.1f} ms/step against "
+              f"{c['eager'] * 1e3:.1f} eager ({c['eager'] / c['compiled']:.2f}x)", flush=True)
+    return row
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="B=1, M=256 layer cases, fewer repeats")
@@ -353,6 +378,7 @@ def parse_args(argv=None):
     p.add_argument("--spans", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on a CPU)")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -371,12 +397,15 @@ def main(argv=None):
           f"peak memory = {mem}")
     if not args.skip_layer:
         print(f"\n## one attention layer, forward+backward (B={B}, K=8, D=64, M={M}, cache L)")
-        print("  span  heads |    ref ms   grp ms  speedup |   ref MB   grp MB")
+        print("  span   heads |    ref ms   grp ms  default/ref |   ref MB   grp MB")
         report["layer"] = layer_section(args, B, M, repeats)
     if not args.skip_model:
         print("\n## medium model training step (4 layers, H=128, K=4, M=128, B=8)")
         print("  span |  ref tok/s grp tok/s speedup |   ref MB   grp MB")
         report["model"] = model_section(args, repeats)
+    print(f"\n## step efficiency: medium model, max span 512, learned spans "
+          f"{profile_spans('learned', 512, 4)} in every layer, Adagrad, adaptive span + cache")
+    report["efficiency"] = efficiency_section(args, repeats)
     print("\n## attention multiply-adds per token (millions, forward)")
     print("         case   span    M |       ref       grp  ratio")
     report["flops"] = flops_section(args, M)

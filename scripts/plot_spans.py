@@ -3,8 +3,8 @@
     python scripts/plot_spans.py CHECKPOINT [-o spans.png] [--ramp R]
     python scripts/plot_spans.py --flops LOGDIR [-o flops.png]
 
-CHECKPOINT is one of ours or a reference checkpoint. The span of a head is
-``clamp(ceil(current_val * L) + R, 0, L)``, read from
+CHECKPOINT is one of ours or a reference checkpoint. The span of a head is the number
+of positions where its mask is non-zero (``AdaptiveSpan.head_spans``), from
 ``layers.{l}.attn.attn.adaptive_span._mask.current_val`` (K, 1, 1) with L the length
 of ``mask_template``; R is the checkpoint's ramp (ours) or 32 (reference), unless
 --ramp is given. A model without adaptive span attends over L in every head.
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoint as ckpt_io  # noqa: E402
+from adaptive_span import AdaptiveSpan  # noqa: E402
 import plots  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
@@ -52,8 +53,11 @@ def checkpoint_spans(ckpt: dict, ramp: Optional[int] = None) -> Tuple[List[List[
     spans = []
     for _, key in layers:
         L = state[key.replace("current_val", "mask_template")].numel()
-        z = state[key].detach().view(-1).float() * L  # (K,)
-        spans.append([int(s) for s in (torch.ceil(z) + ramp).clamp(0, L).tolist()])
+        values = state[key].detach().float()  # (K, 1, 1)
+        span = AdaptiveSpan(L, values.numel(), ramp=ramp)
+        with torch.no_grad():
+            span.current_val.copy_(values)
+        spans.append(span.head_spans())
     return spans, L
 
 
