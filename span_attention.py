@@ -18,8 +18,8 @@ a dynamic span (paper section 2.2) is ``z_{t,k} = L * sigmoid(v_k . x_t + b_k)``
 A key outside the window ``d <= R + z`` has mask 0 and mask gradient 0, so each head scores only
 its window (rounded up to 64 positions): heads sharing a window are scored together by the banded
 products of attention.py, at a cost of (chunk + W) keys per query instead of T. Static windows
-are read from the span parameters once per parameter update (``current_val._version``), not per
-forward; a dynamic span needs one host sync per forward (the largest z of the block).
+are the span module's cached integers (``AdaptiveSpan.head_windows``, recomputed once per
+parameter update), not read per forward; a dynamic span needs one host sync per forward (the largest z of the block).
 
 Padded keys (``key_padding_mask`` True, PyTorch's convention) get exactly zero weight, so the
 outputs at real positions do not depend on what the padded positions hold. Outputs at padded
@@ -32,13 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adaptive_span import AdaptiveSpan
-from attention import BUCKET, band_logits, band_read, chunk_size, group_heads
-
-
-def bucket_window(reach: int, max_span: int) -> int:
-    """A head's window: its reach rounded up to ``BUCKET`` positions, at most L."""
-    return min(max_span, max(BUCKET, -(-reach // BUCKET) * BUCKET))
+from adaptive_span import AdaptiveSpan, head_window
+from attention import band_logits, band_read, plan_groups
 
 
 def dynamic_reach(z_max: torch.Tensor, ramp: int, max_span: int) -> List[int]:
@@ -78,7 +73,6 @@ class AdaptiveSpanAttention(nn.Module):
             with torch.no_grad():
                 self.span_logit.weight.zero_()
                 self.span_logit.bias.fill_(math.log(frac / (1 - frac)))
-        self._windows, self._version = None, None  # static windows and the parameter version read
         self._z = None  # dynamic: (B, T, K) spans of the last forward, padded positions excluded
         self._z_real = None  # dynamic: (B, T) real positions of the last forward
 
@@ -86,14 +80,6 @@ class AdaptiveSpanAttention(nn.Module):
     def span_values(self, x: torch.Tensor) -> torch.Tensor:
         """Dynamic spans ``z = L * sigmoid(v . x + b)``: x (B, T, H) -> (B, T, K)."""
         return self.max_span * torch.sigmoid(self.span_logit(x))  # (B, T, K)
-
-    def static_windows(self) -> List[int]:
-        """Per head: its window, recomputed only when ``current_val`` has changed."""
-        version = self.span.current_val._version
-        if self._windows is None or version != self._version:
-            self._windows = [bucket_window(r, self.max_span) for r in self.span.reach()]
-            self._version = version
-        return self._windows
 
     def span_loss(self) -> torch.Tensor:
         """``loss_coeff`` times the mean span: over heads (static), or over heads and the real
@@ -141,25 +127,25 @@ class AdaptiveSpanAttention(nn.Module):
                     else ~key_padding_mask.bool())  # (B, T)
             self._z, self._z_real = z, real
             z_max = z.detach().masked_fill(~real.unsqueeze(-1), 0).amax((0, 1))  # (K,)
-            windows = [bucket_window(r, L) for r in dynamic_reach(z_max, self.ramp, L)]
+            windows = [head_window(r, L) for r in dynamic_reach(z_max, self.ramp, L)]
         else:
-            windows = self.static_windows()
-        groups, _ = group_heads([min(w, bucket_window(T, L)) for w in windows])
+            windows = self.span.head_windows()  # cached, recomputed once per update
+        longest = head_window(T, L)  # no window needs more than the sequence
+        groups, _ = plan_groups(tuple(min(w, longest) for w in windows), B, T, D)
         out = q.new_empty(B, K, T, D)  # (B, K, T, D)
-        for W, heads in groups:
+        for W, chunk, heads in groups:
             idx = heads if isinstance(heads, slice) else torch.tensor(heads, device=x.device)
             zg = z[:, :, idx].transpose(1, 2).unsqueeze(-1) if z is not None else None  # (B, G, T, 1)
-            out[:, idx] = self._group(q[:, idx], k[:, idx], v[:, idx], W, idx, zg,
+            out[:, idx] = self._group(q[:, idx], k[:, idx], v[:, idx], W, chunk, idx, zg,
                                       key_padding_mask)  # (B, G, T, D)
         return self.out(out.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
 
-    def _group(self, q, k, v, W: int, heads, z: Optional[torch.Tensor],
+    def _group(self, q, k, v, W: int, chunk: int, heads, z: Optional[torch.Tensor],
                key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Attention of G heads over their last W positions: q, k, v (B, G, T, D),
         z (B, G, T, 1) or None -> (B, G, T, D)."""
         B, G, T, D = q.shape
         L, R = self.max_span, self.ramp
-        chunk = chunk_size(T, W)
         k = F.pad(k, (0, 0, W - 1, 1))  # (B, G, W+T, D): query t sees rows t..t+W-1
         v = F.pad(v, (0, 0, W - 1, 1))  # (B, G, W+T, D)
         logits = band_logits(q, k, chunk)  # (B, G, T, W)
