@@ -34,6 +34,7 @@ MODEL_FLAGS = {"hid_sz": "hidden_size", "inner_hid_sz": "inner_hidden_size", "nl
                "emb_dropout": "emb_dropout", "adapt_span": "adapt_span",
                "adapt_span_loss": "adapt_span_loss", "adapt_span_ramp": "adapt_span_ramp",
                "adapt_span_init": "adapt_span_init", "adapt_span_cache": "adapt_span_cache",
+               "adapt_span_dynamic": "adapt_span_dynamic",
                "pers_mem_size": "pers_mem_size", "pers_mem_keep_ff": "pers_mem_keep_ff",
                "attn_impl": "attn_impl", "adapt_io": "adapt_io", "adapt_io_tied": "adapt_io_tied",
                "adapt_io_divval": "adapt_io_divval", "adapt_io_cutoffs": "adapt_io_cutoffs"}
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adapt-span-ramp", type=int, default=32)
     a("--adapt-span-init", type=float, default=0.0)
     a("--adapt-span-cache", action="store_true")
+    a("--adapt-span-dynamic", action="store_true", help="spans that depend on the input (needs --adapt-span)")
     a("--pers-mem-size", type=int, default=0)
     a("--pers-mem-keep-ff", action="store_true", help="keep the FF sublayer with persistent memory")
     a("--adapt-io", action="store_true")
@@ -119,6 +121,11 @@ def check_flags(args) -> None:
     for flag in ("nlayers", "block_sz", "attn_span", "batch_sz", "batch_split", "nbatches", "adapt_span_ramp"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.adapt_span_dynamic and not args.adapt_span:
+        raise ConfigError("--adapt-span-dynamic needs --adapt-span")
+    if args.adapt_span_dynamic and args.compile:
+        raise ConfigError("--compile does not support --adapt-span-dynamic (its windows follow each "
+                          "block's input); drop one of the two")
     if args.adapt_io_tied and not args.adapt_io:
         raise ConfigError("--adapt-io-tied needs --adapt-io")
     if args.full_eval_mode and not args.checkpoint:

@@ -38,7 +38,7 @@ def dense(attn: AdaptiveSpanAttention, x: torch.Tensor, pad=None) -> torch.Tenso
     logits = (logits / math.sqrt(D)).masked_fill(~keep, float("-inf"))  # (B, K, T, T)
     probs = torch.softmax(logits, -1).nan_to_num(0.0)  # (B, K, T, T)
     if attn.dynamic:
-        z = attn.span_values(x).transpose(1, 2).unsqueeze(-1)  # (B, K, T, 1)
+        z = L * torch.sigmoid(attn.span.span_logit(x)).transpose(1, 2).unsqueeze(-1)  # (B, K, T, 1)
     else:
         z = (attn.span.current_val * L).view(1, K, 1, 1)  # (1, K, 1, 1)
     probs = probs * ((R + z - d.to(x.dtype)) / R).clamp(0, 1)  # (B, K, T, T)
@@ -50,12 +50,13 @@ def dense(attn: AdaptiveSpanAttention, x: torch.Tensor, pad=None) -> torch.Tenso
 def make(H=16, K=4, L=200, ramp=8, vals=(0.02, 0.3, 0.6, 1.0), dynamic=False, seed=0):
     torch.manual_seed(seed)
     attn = AdaptiveSpanAttention(H, K, L, ramp=ramp, dynamic=dynamic).double()
+    vals = torch.tensor(vals, dtype=torch.float64)
     with torch.no_grad():
-        attn.span.current_val.copy_(torch.tensor(vals, dtype=torch.float64).view(K, 1, 1))
         if dynamic:
-            attn.span_logit.weight.normal_(0, 0.5)
-            attn.span_logit.bias.copy_(torch.logit(torch.tensor(vals, dtype=torch.float64)
-                                                   .clamp(0.01, 0.99)))
+            attn.span.span_logit.weight.normal_(0, 0.5)
+            attn.span.span_logit.bias.copy_(torch.logit(vals.clamp(0.01, 0.99)))
+        else:
+            attn.span.current_val.copy_(vals.view(K, 1, 1))
     return attn
 
 
@@ -132,12 +133,13 @@ def test_dynamic_with_zero_v_is_the_static_span():
     static = AdaptiveSpanAttention(16, 4, 200, ramp=8).double()
     b = torch.tensor([-3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
     with torch.no_grad():
-        dyn.span_logit.bias.copy_(b)
-        static.load_state_dict({k: v for k, v in dyn.state_dict().items() if "span_logit" not in k})
+        dyn.span.span_logit.bias.copy_(b)
+        static.load_state_dict({k: v for k, v in dyn.state_dict().items() if "span_logit" not in k},
+                               strict=False)
         static.span.current_val.copy_(torch.sigmoid(b).view(4, 1, 1))
     x = torch.randn(2, 180, 16, dtype=torch.float64)  # (B, T, H)
     torch.testing.assert_close(dyn(x), static(x), rtol=0, atol=1e-12)
-    dyn.loss_coeff = static.span.loss_coeff = 0.5
+    dyn.span.loss_coeff = static.span.loss_coeff = 0.5
     torch.testing.assert_close(dyn.span_loss(), static.span_loss())
     torch.testing.assert_close(dyn.span_loss(), 0.5 * (200 * torch.sigmoid(b)).mean())
     assert dyn.head_spans() == static.head_spans()
@@ -145,14 +147,14 @@ def test_dynamic_with_zero_v_is_the_static_span():
 
 def test_dynamic_gradient_matches_finite_differences():
     attn = make(dynamic=True, L=100, vals=(0.1, 0.2, 0.3, 0.5))
-    attn.loss_coeff = 0.01
+    attn.span.loss_coeff = 0.01
     x = torch.randn(2, 60, 16, dtype=torch.float64)  # (B, T, H)
     w = torch.randn(2, 60, 16, dtype=torch.float64)  # (B, T, H)
 
     def loss():
         return (attn(x) * w).sum() + attn.span_loss()
 
-    params = [attn.span_logit.weight, attn.span_logit.bias]
+    params = [attn.span.span_logit.weight, attn.span.span_logit.bias]
     grads = torch.autograd.grad(loss(), params)
     eps = 1e-6
     for p, g in zip(params, grads):
@@ -217,14 +219,14 @@ def test_trains_inside_a_gpt_style_model(dynamic):
             missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
             if not dynamic:
                 assert missing == []
-            else:  # the static current_val is unused with dynamic spans
-                assert all("span._mask.current_val" in n for n in missing)
+            else:
+                assert missing == []
         opt.step()
         for b in model.blocks:
             b.attn.clamp_spans()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     if dynamic:
-        assert any(b.attn.span_logit.weight.abs().sum() > 0 for b in model.blocks)
+        assert any(b.attn.span.span_logit.weight.abs().sum() > 0 for b in model.blocks)
     else:
         assert [b.attn.head_spans() for b in model.blocks] != spans_before
