@@ -213,3 +213,105 @@ class AdaptiveSpan(nn.Module):
     @torch.no_grad()
     def clamp_param(self) -> None:
         self.current_val.clamp_(0, 1)
+
+
+class DynamicSpan(nn.Module):
+    """Spans that depend on the input (the paper's section 2.2): per head k and query t,
+    ``z_{t,k} = L * sigmoid(v_k . x_t + b_k)``, with v_k, b_k learned (``span_logit``).
+
+    ``observe(x)`` computes the spans of a block and reads, with one host sync, the integers
+    that size the computation: they follow the largest z of the block (the head windows, the
+    reference's trim). ``mask(length)`` is then the per-query mask (B, K, T, length) with the
+    same right-aligned layout as ``AdaptiveSpan.mask``; ``loss()`` is ``loss_coeff`` times the
+    mean z over heads and real positions of the last block. With v = 0 this is the static span
+    z = L * sigmoid(b). The cache keeps all L positions: a later block may ask for any span.
+    """
+
+    def __init__(self, attn_span: int, nheads: int, hidden_size: int, ramp: int = 32,
+                 init_val: float = 0.0, loss_coeff: float = 0.0):
+        super().__init__()
+        self.attn_span, self.nheads, self.ramp, self.loss_coeff = attn_span, nheads, ramp, loss_coeff
+        self.span_logit = nn.Linear(hidden_size, nheads)  # weight v (K, H), bias b (K,)
+        frac = min(max(float(init_val), 1e-3), 1 - 1e-3)
+        with torch.no_grad():
+            self.span_logit.weight.zero_()
+            self.span_logit.bias.fill_(math.log(frac / (1 - frac)))
+        self._z = None  # (B, T, K) spans of the last block
+        self._real = None  # (B, T) its real (not padded) positions
+        self._state = None  # SpanState of the last block
+
+    def observe(self, x: torch.Tensor, real: torch.Tensor = None) -> SpanState:
+        """Spans of a block x (B, T, H) at its ``real`` (B, T) positions (default: all)."""
+        L, R, K = self.attn_span, self.ramp, self.nheads
+        z = L * torch.sigmoid(self.span_logit(x))  # (B, T, K)
+        real = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if real is None else real  # (B, T)
+        zd = z.detach().masked_fill(~real.unsqueeze(-1), 0)  # (B, T, K)
+        count = real.sum().clamp(min=1)
+        top = torch.cat([zd.amax((0, 1)), (zd.sum() / (count * K)).view(1)]).tolist()  # one sync
+        self._z, self._real = z, real
+        reach = tuple(min(L, math.floor(R + t) + 1) for t in top[:K])
+        spans = tuple(min(L, max(0, math.ceil(R + t))) for t in top[:K])
+        max_span = reference_span(max(top[:K]) / L, L, R)
+        keep = kept_length(max_span, L)
+        self._state = SpanState(spans=spans, reach=reach, max_span=max_span,
+                                avg_span=reference_span(top[K] / L, L, R),
+                                trim=trim_length(max_span, L), keep=keep, cache=L,
+                                windows=tuple(head_windows(reach, keep)))
+        return self._state
+
+    def mask(self, length: int) -> torch.Tensor:
+        """The last block's mask of the ``length`` nearest positions: (B, K, T, length)."""
+        x = torch.arange(length - 1, -1, -1, device=self._z.device, dtype=self._z.dtype)  # (length,)
+        z = self._z.transpose(1, 2).unsqueeze(-1)  # (B, K, T, 1)
+        return ((self.ramp + z - x) / self.ramp).clamp(0, 1)  # (B, K, T, length)
+
+    def loss(self) -> torch.Tensor:
+        """``loss_coeff`` times the mean z over heads and the last block's real positions."""
+        if self._z is None:
+            return self.span_logit.bias.new_zeros(())
+        real = self._real.unsqueeze(-1).to(self._z.dtype)  # (B, T, 1)
+        return self.loss_coeff * (self._z * real).sum() / (real.sum() * self.nheads).clamp(min=1)
+
+    def state(self) -> SpanState:
+        """The integers of the last block; before any block, of the bias-only spans
+        z = L * sigmoid(b) (what a zero input gives)."""
+        if self._state is not None:
+            return self._state
+        with torch.no_grad():
+            state = self.observe(self.span_logit.bias.new_zeros(1, 1, self.span_logit.in_features))
+        self._z = self._real = self._state = None
+        return state
+
+    def head_spans(self) -> List[int]:
+        return list(self.state().spans)
+
+    def head_windows(self) -> List[int]:
+        return list(self.state().windows)
+
+    def max_span(self) -> int:
+        return self.state().max_span
+
+    def avg_span(self) -> float:
+        return float(self.state().avg_span)
+
+    def trim_len(self) -> int:
+        return self.state().trim
+
+    def kept_len(self) -> int:
+        return self.state().keep
+
+    def cache_size(self) -> int:
+        return self.attn_span
+
+    def clamp_param(self) -> None:
+        """Nothing to clamp: sigmoid keeps z in (0, L)."""
+
+
+def __getattr__(name: str):
+    """``from adaptive_span import AdaptiveSpanAttention``: the drop-in attention module lives
+    in span_attention.py (it scores with attention.py's banded products), imported on demand so
+    that attention.py can import this file."""
+    if name == "AdaptiveSpanAttention":
+        from span_attention import AdaptiveSpanAttention
+        return AdaptiveSpanAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -328,8 +328,8 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
         q = _select(q_all, heads, 1)  # (B, G, M, D)
         G = q.size(1)
         mask = None
-        if mask_all is not None:
-            mask = _select(mask_all, heads, 0)[:, :, L - window:]  # (G, 1, W)
+        if mask_all is not None:  # (K, 1, L), or (B, K, M, L) for a dynamic span
+            mask = _select(mask_all, heads, mask_all.dim() - 3)[..., L - window:]  # (G, 1, W) or (B, G, M, W)
         wk_g = _select(wk, heads, 0).reshape(G * D, H)  # (G*D, H)
         wv_g = _select(wv, heads, 0).reshape(G * D, H)  # (G*D, H)
         out = _group_attention(q, h, wk_g, wv_g, pe, mask, pers, heads, chunk, dropout, training)

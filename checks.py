@@ -54,6 +54,11 @@ def check_flags(args) -> None:
     if args.adapt_span and args.adapt_span_ramp > args.attn_span:
         raise ConfigError(f"--adapt-span-ramp {args.adapt_span_ramp} is longer than --attn-span "
                           f"{args.attn_span}; give a ramp of at most the span")
+    if args.adapt_span_dynamic and not args.adapt_span:
+        raise ConfigError("--adapt-span-dynamic needs --adapt-span")
+    if args.adapt_span_dynamic and args.compile:
+        raise ConfigError("--compile does not support --adapt-span-dynamic (its windows follow each "
+                          "block's input); drop one of the two")
     if args.adapt_io_tied and not args.adapt_io:
         raise ConfigError("--adapt-io-tied needs --adapt-io")
     if args.eval_other_data and not args.full_eval_mode:

@@ -69,6 +69,8 @@ def adaptive_span_flags(a) -> None:
     a("--adapt-span-ramp", type=int, default=32, help="length R of the soft mask's ramp, in tokens")
     a("--adapt-span-init", type=float, default=0.0, help="initial span, as a fraction of L")
     a("--adapt-span-cache", action="store_true", help="keep only the cache the learned spans need (+64)")
+    a("--adapt-span-dynamic", action="store_true",
+      help="spans that depend on the input, z = L sigmoid(v.x + b) per head and position (with --adapt-span)")
 
 
 def persistent_memory_flags(a) -> None:

@@ -36,6 +36,7 @@ MODEL_FLAGS = {"hid_sz": "hidden_size", "inner_hid_sz": "inner_hidden_size", "nl
                "emb_dropout": "emb_dropout", "adapt_span": "adapt_span",
                "adapt_span_loss": "adapt_span_loss", "adapt_span_ramp": "adapt_span_ramp",
                "adapt_span_init": "adapt_span_init", "adapt_span_cache": "adapt_span_cache",
+               "adapt_span_dynamic": "adapt_span_dynamic",
                "pers_mem_size": "pers_mem_size", "pers_mem_keep_ff": "pers_mem_keep_ff",
                "attn_impl": "attn_impl", "adapt_io": "adapt_io", "adapt_io_tied": "adapt_io_tied",
                "adapt_io_divval": "adapt_io_divval", "adapt_io_cutoffs": "adapt_io_cutoffs"}

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptive_io import build_adaptive_io, tied_counterpart, tied_mismatches, zero_dependency
-from adaptive_span import AdaptiveSpan
+from adaptive_span import AdaptiveSpan, DynamicSpan
 from attention import attention_plan, grouped_attention, reference_attention
 from persistent_memory import PersistentMemory
 
@@ -40,6 +40,7 @@ class ModelConfig:
     adapt_span_ramp: int = 32
     adapt_span_init: float = 0.0
     adapt_span_cache: bool = False
+    adapt_span_dynamic: bool = False
     pers_mem_size: int = 0
     pers_mem_keep_ff: bool = False
     attn_impl: str = "grouped"
@@ -71,7 +72,11 @@ class SeqAttention(nn.Module):
         self.impl = ATTN_IMPLS[cfg.attn_impl]
         self.adaptive_span = None
         self.persistent_memory = None
-        if cfg.adapt_span:
+        if cfg.adapt_span and cfg.adapt_span_dynamic:
+            self.adaptive_span = DynamicSpan(cfg.attn_span, cfg.nheads, cfg.hidden_size,
+                                             cfg.adapt_span_ramp, cfg.adapt_span_init,
+                                             cfg.adapt_span_loss)
+        elif cfg.adapt_span:
             self.adaptive_span = AdaptiveSpan(cfg.attn_span, cfg.nheads, cfg.adapt_span_ramp,
                                               cfg.adapt_span_init, cfg.adapt_span_loss,
                                               cfg.adapt_span_cache)
@@ -79,12 +84,21 @@ class SeqAttention(nn.Module):
             self.persistent_memory = PersistentMemory(cfg.pers_mem_size, cfg.nheads, cfg.head_dim,
                                                       cfg.dropout)
 
-    def plan(self, batch: int, block: int, max_span: int) -> tuple:
-        """The integers of this layer's attention (``attention.attention_plan``)."""
+    @property
+    def dynamic(self) -> bool:
+        return isinstance(self.adaptive_span, DynamicSpan)
+
+    def plan(self, batch: int, block: int, max_span: int) -> Optional[tuple]:
+        """The integers of this layer's attention (``attention.attention_plan``); None with a
+        dynamic span, whose integers follow each block's input."""
+        if self.dynamic:
+            return None
         return attention_plan(self.adaptive_span, self.nheads, max_span, batch, block,
                               self.head_dim)
 
     def forward(self, query, h_all, w_key, w_val, key_pe, plan=None):
+        if self.dynamic:  # the block's spans, from the layer input (the last M rows of h_all)
+            self.adaptive_span.observe(h_all[:, h_all.size(1) - query.size(1):])
         return self.impl(query, h_all, w_key, w_val, key_pe, self.nheads, self.adaptive_span,
                          self.persistent_memory, self.dropout, self.training, plan)  # (B, M, H)
 
@@ -219,7 +233,7 @@ class TransformerSeq(nn.Module):
         return [torch.zeros(batch_size, size, H, device=device) for size in self.cache_sizes()]  # (B, C, H)
 
     # ---- adaptive span -----------------------------------------------------
-    def _spans(self) -> List[AdaptiveSpan]:
+    def _spans(self) -> list:
         return [layer.span for layer in self.layers if layer.span is not None]
 
     def span_loss(self) -> torch.Tensor:
@@ -239,7 +253,7 @@ class TransformerSeq(nn.Module):
         construction, by ``clamp_spans`` (after each optimizer step) and after
         ``load_state_dict``; a span changed in place elsewhere refreshes itself on its
         next use (see AdaptiveSpan.state)."""
-        spans = self._spans()
+        spans = [span for span in self._spans() if isinstance(span, AdaptiveSpan)]
         if not spans or self.key_pe.is_meta:  # a shape-only model has no values to read
             return
         states = [span.state_tensor() for span in spans]  # (2K + 2,) each
