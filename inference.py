@@ -34,13 +34,23 @@ returns (the last C >= W inputs of every layer) are projected once into the ring
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from attention import group_heads, head_windows, kept_length
+from attention import head_windows, kept_length
 from models import TransformerSeq, TransformerSeqLayer
+
+
+def group_heads(windows: List[int]) -> Tuple[list, list]:
+    """[(window, heads)] by increasing window, every head in the group of its own window (a
+    one-token step gains nothing from merging windows), and the concatenated head order."""
+    groups: dict = {}
+    for head, window in enumerate(windows):
+        groups.setdefault(window, []).append(head)
+    out = sorted(groups.items())
+    return out, [head for _, heads in out for head in heads]
 
 
 @dataclass
@@ -74,7 +84,10 @@ class LayerPlan:
 
 
 def layer_windows(model: TransformerSeq, layer: TransformerSeqLayer) -> List[int]:
-    """Per head: the positions its softmax runs over in the model's attention."""
+    """Per head: the positions its softmax runs over (``attention.head_windows``: its span,
+    rounded up to 64, within L'), or L' for every head with --attn-impl reference. The
+    grouped path's planner may score a head over a wider, merged window; the two then differ
+    by the renormalisation's 1e-8 term only (see attention.py)."""
     cfg = model.cfg
     if cfg.attn_impl == "reference":
         return [kept_length(layer.span, cfg.attn_span)] * cfg.nheads
@@ -98,7 +111,7 @@ def _doubled_pe(model: TransformerSeq, window: int, shared: dict) -> torch.Tenso
 
 
 def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer, shared_pe: dict) -> LayerPlan:
-    """Heads grouped by window (attention.group_heads) and permuted into group order in the
+    """Heads grouped by window (``group_heads``) and permuted into group order in the
     fused projection weights; each group's position embeddings, span mask, persistent vectors."""
     K, D = model.cfg.nheads, model.cfg.head_dim
     groups, order = group_heads(layer_windows(model, layer))
@@ -111,7 +124,7 @@ def plan_layer(model: TransformerSeq, layer: TransformerSeqLayer, shared_pe: dic
     span, pers = layer.span, attn.attn.persistent_memory
     plans, start = [], 0
     for window, members in groups:
-        stop = start + (len(members) if isinstance(members, list) else members.stop - members.start)
+        stop = start + len(members)
         heads = order[start:stop]
         mask = span.mask(window)[heads] if span is not None else None  # (G, 1, W)
         pers_key = pers_val = None
@@ -149,6 +162,9 @@ class KVCache:
     def __init__(self, model: TransformerSeq):
         if model.training:
             raise ValueError("KVCache needs the model in eval mode (fixed weights, no dropout)")
+        if model.cfg.adapt_span_dynamic:
+            raise ValueError("KVCache does not support dynamic spans (--adapt-span-dynamic): "
+                             "their windows follow each position; use the full recomputation")
         self.model = model
         shared_pe = {}
         with torch.no_grad():

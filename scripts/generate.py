@@ -157,7 +157,9 @@ def generate_batch(model: TransformerSeq, prompt: List[int], length: int, block:
     """Yield ``length`` steps of ``num_samples`` sampled tokens after ``prompt`` (at
     least one token); the samples are drawn in order from one seeded generator."""
     generator = torch.Generator().manual_seed(seed)
-    start = start_kv_cache if kv_cache else start_recompute
+    # dynamic spans change with every position: no fixed windows to keep keys and values for
+    use_cache = kv_cache and not model.cfg.adapt_span_dynamic
+    start = start_kv_cache if use_cache else start_recompute
     last, step = start(model, prompt, block, num_samples)  # (N, V)
     for n in range(length):
         tokens = [sample(row, temperature, top_k, generator) for row in last]
