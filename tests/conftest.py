@@ -1,10 +1,18 @@
 """Shared test fixtures: text written by the tests (tests/datagen.py) into temporary folders,
 and writable copies of the reference fixtures when ../shared/data/fixtures is present."""
+import os
 from pathlib import Path
 
-import pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; subprocesses inherit it
 
-import datagen
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import datagen  # noqa: E402
+
+# One thread: the tests' small operations gain nothing from more, and on a machine whose cores
+# are busy, two threads per process made the reference-evaluation tests ~30x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
