@@ -335,7 +335,9 @@ def run(argv=None) -> int:
     log(f"params: {model.num_parameters():,} ({model.num_parameters() / 1e6:.2f}M) "
         f"vocab: {len(corpus.vocab)} ranks: {dist.world_size} device: {dist.device}")
     if args.full_eval_mode:
-        return full_eval(args, ddp_model, model, corpus, dist, log)
+        code = full_eval(args, ddp_model, model, corpus, dist, log)
+        shutdown(dist)  # a process group left to the interpreter's exit can abort a rank
+        return code
     seed_everything(train_cfg.seed, dist.rank)
     optimizer = build_optimizer(model.parameters(), train_cfg)
     trainer = Trainer(ddp_model, model, optimizer, train_cfg, dist, corpus.train, corpus.valid)

@@ -4,8 +4,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 import flags
 import main
 
@@ -59,8 +57,8 @@ def test_generate_help_shows_its_own_flags_then_the_model_flags():
     parser = generate.build_parser()
     text = parser.format_help()
     shown = listed_flags(text)
-    assert shown[:8] == ["--checkpoint", "--prompt", "--length", "--temperature", "--top-k", "--seed",
-                         "--device", "--threads"]
+    assert shown[:10] == ["--checkpoint", "--prompt", "--length", "--num-samples", "--temperature",
+                          "--top-k", "--seed", "--no-kv-cache", "--device", "--threads"]
     assert {"--nlayers", "--hid-sz", "--adapt-span", "--pers-mem-size", "--adapt-io", "--block-sz"} <= set(shown)
     assert not {"--lr", "--optim", "--niter", "--full-eval-mode"} & set(shown)
     assert text.index("\ngeneration:\n") < text.index("\nmodel (") < text.index("\n  --nlayers")
