@@ -82,6 +82,43 @@ class SpanState:
     windows: Tuple[int, ...]  # per head: head_window(reach, keep)
 
 
+class SpanReaders:
+    """The integers of a layer's spans, read from its ``state()`` (a ``SpanState``)."""
+
+    def head_spans(self) -> List[int]:
+        """Per head: the number of positions whose mask is non-zero."""
+        return list(self.state().spans)
+
+    def reach(self) -> List[int]:
+        """Per head: positions whose mask *or its gradient* is non-zero (the clamp passes
+        gradient at exactly 0), i.e. where the unclamped mask is >= 0."""
+        return list(self.state().reach)
+
+    def head_windows(self) -> List[int]:
+        """Per head: the key positions the grouped path scores (``head_window``)."""
+        return list(self.state().windows)
+
+    def max_span(self) -> int:
+        """The reference's ``clamp(ceil(max(current_val) * L) + R, 0, L)``."""
+        return self.state().max_span
+
+    def avg_span(self) -> float:
+        """The reference's ``clamp(ceil(mean(current_val) * L) + R, 0, L)``."""
+        return float(self.state().avg_span)
+
+    def trim_len(self) -> int:
+        """How many of the farthest positions the reference drops (a multiple of 64)."""
+        return self.state().trim
+
+    def kept_len(self) -> int:
+        """L' = L - trim_len()."""
+        return self.state().keep
+
+    def cache_size(self) -> int:
+        """Hidden states to keep between blocks: L, or the learned span + 64."""
+        return self.state().cache
+
+
 class AdaptiveMask(nn.Module):
     """The soft mask ``clamp((template + z) / R + 1, 0, 1)`` over L positions."""
 
@@ -102,7 +139,7 @@ class AdaptiveMask(nn.Module):
         return mask
 
 
-class AdaptiveSpan(nn.Module):
+class AdaptiveSpan(SpanReaders, nn.Module):
     """Span mask, span loss, trimming and cache-size rules of one attention layer."""
 
     def __init__(self, attn_span: int, nheads: int, ramp: int = 32, init_val: float = 0.0,
@@ -171,40 +208,6 @@ class AdaptiveSpan(nn.Module):
             return self.refresh()
         return self._state[1]
 
-    # ---- spans -------------------------------------------------------------
-    def head_spans(self) -> List[int]:
-        """Per head: the number of positions whose mask is non-zero."""
-        return list(self.state().spans)
-
-    def reach(self) -> List[int]:
-        """Per head: positions whose mask *or its gradient* is non-zero (the clamp passes
-        gradient at exactly 0), i.e. where the unclamped mask is >= 0."""
-        return list(self.state().reach)
-
-    def head_windows(self) -> List[int]:
-        """Per head: the key positions the grouped path scores (``head_window``)."""
-        return list(self.state().windows)
-
-    def max_span(self) -> int:
-        """The reference's ``clamp(ceil(max(current_val) * L) + R, 0, L)``."""
-        return self.state().max_span
-
-    def avg_span(self) -> float:
-        """The reference's ``clamp(ceil(mean(current_val) * L) + R, 0, L)``."""
-        return float(self.state().avg_span)
-
-    def trim_len(self) -> int:
-        """How many of the farthest positions the reference drops (a multiple of 64)."""
-        return self.state().trim
-
-    def kept_len(self) -> int:
-        """L' = L - trim_len()."""
-        return self.state().keep
-
-    def cache_size(self) -> int:
-        """Hidden states to keep between blocks: L, or the learned span + 64."""
-        return self.state().cache
-
     # ---- training hooks ----------------------------------------------------
     def loss(self) -> torch.Tensor:
         """L1 span penalty ``lambda * L * mean_heads(current_val)``."""
@@ -215,7 +218,7 @@ class AdaptiveSpan(nn.Module):
         self.current_val.clamp_(0, 1)
 
 
-class DynamicSpan(nn.Module):
+class DynamicSpan(SpanReaders, nn.Module):
     """Spans that depend on the input (the paper's section 2.2): per head k and query t,
     ``z_{t,k} = L * sigmoid(v_k . x_t + b_k)``, with v_k, b_k learned (``span_logit``).
 
@@ -281,27 +284,6 @@ class DynamicSpan(nn.Module):
             state = self.observe(self.span_logit.bias.new_zeros(1, 1, self.span_logit.in_features))
         self._z = self._real = self._state = None
         return state
-
-    def head_spans(self) -> List[int]:
-        return list(self.state().spans)
-
-    def head_windows(self) -> List[int]:
-        return list(self.state().windows)
-
-    def max_span(self) -> int:
-        return self.state().max_span
-
-    def avg_span(self) -> float:
-        return float(self.state().avg_span)
-
-    def trim_len(self) -> int:
-        return self.state().trim
-
-    def kept_len(self) -> int:
-        return self.state().keep
-
-    def cache_size(self) -> int:
-        return self.attn_span
 
     def clamp_param(self) -> None:
         """Nothing to clamp: sigmoid keeps z in (0, L)."""
