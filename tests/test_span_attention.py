@@ -80,8 +80,8 @@ def test_gradients_match_dense_computation():
     w = torch.randn(2, 140, 16, dtype=torch.float64)  # (B, T, H)
     grads = torch.autograd.grad((attn(x) * w).sum(), [x, *attn.parameters()])
     want = torch.autograd.grad((dense(attn, x) * w).sum(), [x, *attn.parameters()])
-    for g, e in zip(grads, want):
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+    for g, e in zip(grads, want):  # the 1e-8 term again; summed gradients (current_val) carry it
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
 def test_causal_exactly():
