@@ -97,7 +97,22 @@ class Run:
     max_span: int
     adaptive: bool
     pers_mem_size: int
+    flags_span: List[str]  # the span settings
     flags: List[str] = field(default_factory=list)  # main.py flags, without --data / --checkpoint
+
+
+def override(flags: List[str], new: List[str]) -> List[str]:
+    """``flags`` with the values of the flags in ``new`` replaced in place; the others appended."""
+    flags = list(flags)
+    i = 0
+    while i < len(new):
+        has_value = i + 1 < len(new) and not new[i + 1].startswith("--")
+        if new[i] in flags and has_value:
+            flags[flags.index(new[i]) + 1] = new[i + 1]
+        elif new[i] not in flags:
+            flags += new[i:i + 1 + has_value]
+        i += 1 + has_value
+    return flags
 
 
 def build_grid(preset: Preset, max_steps: int = 0) -> List[Run]:
@@ -111,7 +126,8 @@ def build_grid(preset: Preset, max_steps: int = 0) -> List[Run]:
     runs += [Run(f"adaptive-{L}", L, True, 0, ["--attn-span", str(L)] + adaptive) for L in (256, 1024, 8192)]
     runs.append(Run("allattn-8192", 8192, True, pers_n, ["--attn-span", "8192"] + adaptive))
     for run in runs:
-        run.flags = preset.model + schedule + run.flags + (preset.pers if run.pers_mem_size else [])
+        run.flags = override(preset.model, preset.pers) if run.pers_mem_size else list(preset.model)
+        run.flags += schedule + run.flags_span
     return runs
 
 
