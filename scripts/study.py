@@ -133,7 +133,7 @@ def build_grid(preset: Preset, max_steps: int = 0) -> List[Run]:
 
 def run_order(runs: List[Run]) -> List[Run]:
     """Longest first (fixed spans by length, then the adaptive ones), so J workers pack well."""
-    return sorted(runs, key=lambda r: (r.adaptive, -r.max_span if not r.adaptive else -r.pers_mem_size))
+    return sorted(runs, key=lambda r: (r.adaptive, -r.pers_mem_size, -r.max_span))
 
 
 # ---- commands ---------------------------------------------------------------------

@@ -136,12 +136,16 @@ def test_gpu_dry_run_prints_each_runs_flags(tmp_path):
     lines = proc.stdout.splitlines()
     train = [l.strip() for l in lines if l.strip().startswith("torchrun")]
     assert len(train) == 7 and all("--nproc_per_node=8 main.py" in l and "--distributed" in l for l in train)
-    assert all("--nlayers 12 --hid-sz 512 --inner-hid-sz 2048 --nheads 8 --block-sz 512" in l for l in train)
     assert sum("--full-eval-mode --batch-sz 8" in l for l in lines) == 7
     pers = [l for l in train if "--pers-mem-size 1024" in l]
-    assert len(pers) == 1 and pers[0].endswith("--nlayers 18 --pers-mem-size 1024 --inner-hid-sz 1 --batch-split 2 "
-                                               f"--data {tmp_path / 'enwik8'} --checkpoint "
-                                               f"{tmp_path / 'out' / 'runs' / 'allattn-8192' / 'model.pt'} --distributed")
+    ff = [l for l in train if "--pers-mem-size" not in l]
+    assert len(pers) == 1 and len(ff) == 6
+    assert all("--nlayers 12 --hid-sz 512 --inner-hid-sz 2048 --nheads 8 --block-sz 512" in l for l in ff)
+    assert "--nlayers 18 --hid-sz 512 --inner-hid-sz 1 --nheads 8 --block-sz 512" in pers[0]
+    assert pers[0].count("--nlayers") == 1 and "--batch-split 2" in pers[0]
+    assert pers[0].endswith(f"--attn-span 8192 --adapt-span --adapt-span-cache --adapt-span-init 0 "
+                            f"--adapt-span-loss 5e-7 --data {tmp_path / 'enwik8'} --checkpoint "
+                            f"{tmp_path / 'out' / 'runs' / 'allattn-8192' / 'model.pt'} --distributed")
     params = {l.split(" ")[0]: int(l.split("params ")[1].split(" ")[0].replace(",", ""))
               for l in lines if "(params" in l}
     assert list(params) == NAMES
