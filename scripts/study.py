@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -149,15 +150,30 @@ def eval_command(data: Path, ckpt: Path) -> List[str]:
             "--full-eval-mode", "--batch-sz", "8"]
 
 
+RUNNING = set()  # the child processes, asked to checkpoint and stop when this script gets SIGTERM
+STOP = threading.Event()  # set by SIGTERM: start no further process
+
+
+def stop_children(signum, frame) -> None:
+    STOP.set()
+    for proc in list(RUNNING):
+        proc.send_signal(signal.SIGTERM)  # main.py writes its checkpoint and exits
+    raise SystemExit(128 + signum)
+
+
 def run_logged(cmd: List[str], log_path: Path, cpu: bool) -> tuple:
     """Run ``cmd`` in the repository root, appending its output to ``log_path``.
     Returns (exit status, peak resident memory in MB of the largest process of the tree)."""
+    if STOP.is_set():
+        raise RuntimeError("stopped by SIGTERM before it started")
     env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if cpu else {})}
     with open(log_path, "a") as log:
         log.write("+ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        RUNNING.add(proc)
         _, status, usage = os.wait4(proc.pid, 0)
+        RUNNING.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
 
@@ -331,6 +347,7 @@ def main(argv=None) -> int:
             dry_run(runs, preset, data, out)
             return 0
         torch.set_num_threads(1)
+        signal.signal(signal.SIGTERM, stop_children)
         records = run_grid(runs, preset, data, out, args.jobs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
