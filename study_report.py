@@ -101,7 +101,7 @@ def _fmt(value, digits=3):
 
 def table(records: List[dict]) -> str:
     head = ("| run | max span | adaptive | pers N | params | steps | dev bpc | test bpc | attn FLOPs/tok "
-            "| model FLOPs/tok | tokens/s | peak MB | span avg | span max | train s | eval s |")
+            "| model FLOPs/tok | tokens/s | peak MB | span avg | span max | train s (CPU s) | eval s (CPU s) |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for rec in records:
         r, s = rec["result"], rec["seconds"]
@@ -109,8 +109,22 @@ def table(records: List[dict]) -> str:
                      f"| {r['params']:,} | {r['steps']} | {r['dev_bpc']:.3f} | {r['test_bpc']:.3f} "
                      f"| {format_flops(r['attn_flops_per_token'])} | {format_flops(r['model_flops_per_token'])} "
                      f"| {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['peak_mem_mb'], 0)} | {r['span_avg']:.0f} "
-                     f"| {r['span_max']:.0f} | {s['train']:.0f} | {s['eval']:.0f} |")
+                     f"| {r['span_max']:.0f} | {s['train']:.0f} ({_fmt(s.get('train_cpu'), 0)}) "
+                     f"| {s['eval']:.0f} ({_fmt(s.get('eval_cpu'), 0)}) |")
     return "\n".join(lines)
+
+
+def usage_text(records: List[dict]) -> str:
+    """The measured cost of the study, as wall time here and as CPU time (load-independent)."""
+    secs = [rec["seconds"] for rec in records]
+    wall = sum(s["train"] + s["eval"] for s in secs)
+    text = f"Wall time of the runs, summed: {wall / 60:.1f} min (train and evaluation processes, as run here)."
+    if all("train_cpu" in s for s in secs):
+        cpu = sum(s["train_cpu"] + s["eval_cpu"] for s in secs)
+        ev = sum(s["eval_cpu"] for s in secs)
+        text += (f" CPU time, summed: {cpu / 60:.1f} core-minutes, {ev / 60:.1f} of them evaluating; with one "
+                 f"thread per run that is about {cpu / 120:.0f} minutes on 2 idle cores (--jobs 2).")
+    return text
 
 
 def _runs_text(runs: List[dict]) -> str:
@@ -211,7 +225,7 @@ def write(records: List[dict], out: Path, preset: str, note: str, command: str) 
              "token scored). FLOPs: forward, per token, as flops.py counts them with the spans at the end of "
              "training. tokens/s: median over the logged iterations of training. peak MB: the largest resident "
              "memory of the training process (host memory). span avg / max: ramp included; a fixed span shows L.",
-             "", table(records), ""]
+             "", table(records), "", usage_text(records), ""]
     if missing:
         lines += [missing, ""]
     for i, (title, claim, *keys) in enumerate(CLAIMS, 1):

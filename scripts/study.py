@@ -162,11 +162,12 @@ def stop_children(signum, frame) -> None:
 
 
 def run_logged(cmd: List[str], log_path: Path, cpu: bool) -> tuple:
-    """Run ``cmd`` in the repository root, appending its output to ``log_path``.
-    Returns (exit status, peak resident memory in MB of the largest process of the tree)."""
+    """Run ``cmd`` in the repository root, appending its output to ``log_path``. Returns the exit
+    status and the usage: wall and CPU seconds, peak resident MB of the largest process of the tree."""
     if STOP.is_set():
         raise RuntimeError("stopped by SIGTERM before it started")
     env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if cpu else {})}
+    start = time.time()
     with open(log_path, "a") as log:
         log.write("+ " + " ".join(cmd) + "\n")
         log.flush()
@@ -175,10 +176,19 @@ def run_logged(cmd: List[str], log_path: Path, cpu: bool) -> tuple:
         _, status, usage = os.wait4(proc.pid, 0)
         RUNNING.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
+    return proc.returncode, {"wall_s": time.time() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+                             "peak_mem_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KB on Linux
 
 
-# ---- one run ----------------------------------------------------------------------
+def add_usage(path: Path, usage: dict) -> dict:
+    """Training usage summed (times) or maximised (memory) over the processes of a resumed run."""
+    total = json.loads(path.read_text()) if path.exists() else {"wall_s": 0.0, "cpu_s": 0.0, "peak_mem_mb": 0.0}
+    total = {"wall_s": total["wall_s"] + usage["wall_s"], "cpu_s": total["cpu_s"] + usage["cpu_s"],
+             "peak_mem_mb": max(total["peak_mem_mb"], usage["peak_mem_mb"])}
+    path.write_text(json.dumps(total))
+    return total
+
+
 def parse_eval(text: str) -> dict:
     found = dict(re.findall(r"^(val|test): ([0-9.]+)bpc", text, flags=re.M))
     if set(found) != {"val", "test"}:
@@ -236,20 +246,18 @@ def execute(run: Run, preset: Preset, data: Path, out: Path) -> Optional[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "flags.json").write_text(json.dumps(run.flags))
     ckpt, cpu = folder / "model.pt", preset.gpus == 0
-    peak_file = folder / "peak_mem_mb"
-    start = time.time()
-    rc, peak = run_logged(train_command(run, preset, data, ckpt), folder / "train.log", cpu)
-    peak = max(peak, float(peak_file.read_text()) if peak_file.exists() else 0.0)
-    peak_file.write_text(f"{peak:.1f}")
+    rc, usage = run_logged(train_command(run, preset, data, ckpt), folder / "train.log", cpu)
+    train = add_usage(folder / "train_usage.json", usage)
     if rc != 0:
         raise RuntimeError(f"training exited with status {rc}; see {folder / 'train.log'}")
-    trained = time.time()
     (folder / "eval.log").write_text("")
-    rc, _ = run_logged(eval_command(data, ckpt), folder / "eval.log", cpu)
+    rc, evaluation = run_logged(eval_command(data, ckpt), folder / "eval.log", cpu)
     if rc != 0:
         raise RuntimeError(f"evaluation exited with status {rc}; see {folder / 'eval.log'}")
-    seconds = {"train": round(trained - start, 1), "eval": round(time.time() - trained, 1)}
-    record = make_record(run, folder, parse_eval((folder / "eval.log").read_text()), peak, seconds)
+    seconds = {"train": round(train["wall_s"], 1), "train_cpu": round(train["cpu_s"], 1),
+               "eval": round(evaluation["wall_s"], 1), "eval_cpu": round(evaluation["cpu_s"], 1)}
+    record = make_record(run, folder, parse_eval((folder / "eval.log").read_text()), train["peak_mem_mb"],
+                         seconds)
     tmp = folder / "record.json.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, folder / "record.json")
