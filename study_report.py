@@ -213,7 +213,7 @@ CAPTIONS = {"a": "(a) dev bpc against attention FLOPs per token, one point per m
 def write(records: List[dict], out: Path, preset: str, note: str, command: str) -> None:
     """OUT/report.md and the figures; prints a line when matplotlib is missing."""
     try:
-        figures = write_figures(records, out)
+        figures = write_figures(records, out) if records else []
         missing = ""
     except ImportError:
         figures, missing = [], "matplotlib is not installed: no figures (pip install -r requirements-viz.txt)"

@@ -158,14 +158,13 @@ def stop_children(signum, frame) -> None:
     STOP.set()
     for proc in list(RUNNING):
         proc.send_signal(signal.SIGTERM)  # main.py writes its checkpoint and exits
-    raise SystemExit(128 + signum)
 
 
 def run_logged(cmd: List[str], log_path: Path, cpu: bool) -> tuple:
     """Run ``cmd`` in the repository root, appending its output to ``log_path``. Returns the exit
     status and the usage: wall and CPU seconds, peak resident MB of the largest process of the tree."""
     if STOP.is_set():
-        raise RuntimeError("stopped by SIGTERM before it started")
+        raise RuntimeError("stopped by SIGTERM; a rerun resumes it")
     env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if cpu else {})}
     start = time.time()
     with open(log_path, "a") as log:
@@ -173,6 +172,8 @@ def run_logged(cmd: List[str], log_path: Path, cpu: bool) -> tuple:
         log.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         RUNNING.add(proc)
+        if STOP.is_set():  # SIGTERM came while it was starting
+            proc.send_signal(signal.SIGTERM)
         _, status, usage = os.wait4(proc.pid, 0)
         RUNNING.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -242,12 +243,16 @@ def make_record(run: Run, folder: Path, evals: dict, peak_mb: float, seconds: di
 
 
 def execute(run: Run, preset: Preset, data: Path, out: Path) -> Optional[dict]:
+    if STOP.is_set():
+        raise RuntimeError("not started (SIGTERM)")
     folder = out / "runs" / run.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "flags.json").write_text(json.dumps(run.flags))
     ckpt, cpu = folder / "model.pt", preset.gpus == 0
     rc, usage = run_logged(train_command(run, preset, data, ckpt), folder / "train.log", cpu)
     train = add_usage(folder / "train_usage.json", usage)
+    if STOP.is_set():
+        raise RuntimeError("stopped by SIGTERM; a rerun resumes it from its checkpoint")
     if rc != 0:
         raise RuntimeError(f"training exited with status {rc}; see {folder / 'train.log'}")
     (folder / "eval.log").write_text("")
@@ -303,7 +308,8 @@ def run_grid(runs: List[Run], preset: Preset, data: Path, out: Path, jobs: int) 
                     records[run.name] = future.result()
                     print(progress_line(done, len(runs), records[run.name]), flush=True)
                 except RuntimeError as err:
-                    print(f"[{done}/{len(runs)}] {run.name}: FAILED: {err}", flush=True)
+                    status = "stopped" if STOP.is_set() else "FAILED"
+                    print(f"[{done}/{len(runs)}] {run.name}: {status}: {err}", flush=True)
     return records
 
 
@@ -367,6 +373,9 @@ def main(argv=None) -> int:
     command = "python scripts/study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     study_report.write(finished, out, args.preset, note, command)
     print(f"wrote {out / 'results.json'} and {out / 'report.md'} ({len(finished)} of {len(runs)} runs)")
+    if STOP.is_set():
+        print("stopped by SIGTERM: the same command resumes the unfinished runs")
+        return 128 + signal.SIGTERM
     return 0 if len(finished) == len(runs) else 1
 
 
