@@ -111,7 +111,7 @@ def points_plot(series: Dict[str, Sequence[tuple]], xlabel: str, ylabel: str, ti
 def curves_plot(series: Dict[str, tuple], xlabel: str, ylabel: str, title: str, logy: bool = False,
                 dashed: Sequence[str] = ()):
     """A Figure of curves ``name -> (xs, ys)``; the names in ``dashed`` are drawn dashed."""
-    fig = _figure(7.0, 4.5)
+    fig = _figure(9.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for i, (name, (xs, ys)) in enumerate(series.items()):
         ax.plot(xs, ys, color=f"C{i}", label=name, linestyle="--" if name in dashed else "-",
@@ -122,6 +122,6 @@ def curves_plot(series: Dict[str, tuple], xlabel: str, ylabel: str, title: str, 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
