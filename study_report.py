@@ -111,6 +111,10 @@ def table(records: List[dict]) -> str:
                      f"| {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['peak_mem_mb'], 0)} | {r['span_avg']:.0f} "
                      f"| {r['span_max']:.0f} | {s['train']:.0f} ({_fmt(s.get('train_cpu'), 0)}) "
                      f"| {s['eval']:.0f} ({_fmt(s.get('eval_cpu'), 0)}) |")
+    lines.append("")
+    lines.append("Wall seconds of training are summed over the processes of a resumed run. A CPU time shown "
+                 "as – was not counted in full (part of the run was trained by a process this script did not "
+                 "measure).")
     return "\n".join(lines)
 
 
@@ -119,7 +123,7 @@ def usage_text(records: List[dict]) -> str:
     secs = [rec["seconds"] for rec in records]
     wall = sum(s["train"] + s["eval"] for s in secs)
     text = f"Wall time of the runs, summed: {wall / 60:.1f} min (train and evaluation processes, as run here)."
-    if all("train_cpu" in s for s in secs):
+    if all("train_cpu" in s and "eval_cpu" in s for s in secs):
         cpu = sum(s["train_cpu"] + s["eval_cpu"] for s in secs)
         ev = sum(s["eval_cpu"] for s in secs)
         text += (f" CPU time, summed: {cpu / 60:.1f} core-minutes, {ev / 60:.1f} of them evaluating; with one "

@@ -181,11 +181,14 @@ def run_logged(cmd: List[str], log_path: Path, cpu: bool) -> tuple:
                              "peak_mem_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KB on Linux
 
 
-def add_usage(path: Path, usage: dict) -> dict:
-    """Training usage summed (times) or maximised (memory) over the processes of a resumed run."""
-    total = json.loads(path.read_text()) if path.exists() else {"wall_s": 0.0, "cpu_s": 0.0, "peak_mem_mb": 0.0}
+def add_usage(path: Path, usage: dict, complete: bool) -> dict:
+    """Training usage summed (times) or maximised (memory) over the processes of a resumed run;
+    ``complete`` is False when a process before the first counted one trained it (no usage file)."""
+    total = (json.loads(path.read_text()) if path.exists()
+             else {"wall_s": 0.0, "cpu_s": 0.0, "peak_mem_mb": 0.0, "complete": complete})
     total = {"wall_s": total["wall_s"] + usage["wall_s"], "cpu_s": total["cpu_s"] + usage["cpu_s"],
-             "peak_mem_mb": max(total["peak_mem_mb"], usage["peak_mem_mb"])}
+             "peak_mem_mb": max(total["peak_mem_mb"], usage["peak_mem_mb"]),
+             "complete": total.get("complete", True)}
     path.write_text(json.dumps(total))
     return total
 
@@ -249,8 +252,9 @@ def execute(run: Run, preset: Preset, data: Path, out: Path) -> Optional[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "flags.json").write_text(json.dumps(run.flags))
     ckpt, cpu = folder / "model.pt", preset.gpus == 0
+    fresh = not ckpt.exists()
     rc, usage = run_logged(train_command(run, preset, data, ckpt), folder / "train.log", cpu)
-    train = add_usage(folder / "train_usage.json", usage)
+    train = add_usage(folder / "train_usage.json", usage, complete=fresh)
     if STOP.is_set():
         raise RuntimeError("stopped by SIGTERM; a rerun resumes it from its checkpoint")
     if rc != 0:
@@ -259,8 +263,10 @@ def execute(run: Run, preset: Preset, data: Path, out: Path) -> Optional[dict]:
     rc, evaluation = run_logged(eval_command(data, ckpt), folder / "eval.log", cpu)
     if rc != 0:
         raise RuntimeError(f"evaluation exited with status {rc}; see {folder / 'eval.log'}")
-    seconds = {"train": round(train["wall_s"], 1), "train_cpu": round(train["cpu_s"], 1),
-               "eval": round(evaluation["wall_s"], 1), "eval_cpu": round(evaluation["cpu_s"], 1)}
+    seconds = {"train": round(train["wall_s"], 1), "eval": round(evaluation["wall_s"], 1),
+               "eval_cpu": round(evaluation["cpu_s"], 1)}
+    if train["complete"]:  # every training process was counted
+        seconds["train_cpu"] = round(train["cpu_s"], 1)
     record = make_record(run, folder, parse_eval((folder / "eval.log").read_text()), train["peak_mem_mb"],
                          seconds)
     tmp = folder / "record.json.tmp"
