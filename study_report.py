@@ -216,7 +216,7 @@ CAPTIONS = {"a": "(a) dev bpc against attention FLOPs per token, one point per m
             "d": "(d) learning curves of the all-attention model and the feed-forward model"}
 
 
-def write(records: List[dict], out: Path, preset: str, note: str, command: str) -> None:
+def write(records: List[dict], out: Path, preset: str, note: str, command: str, total: int) -> None:
     """OUT/report.md and the figures; prints a line when matplotlib is missing."""
     try:
         figures = write_figures(records, out) if records else []
@@ -226,7 +226,8 @@ def write(records: List[dict], out: Path, preset: str, note: str, command: str) 
         print(missing)
     results = [r["result"] for r in records]
     lines = [f"# What the papers claim, measured: preset `{preset}`", "",
-             f"Command: `{command}`. {len(records)} runs finished.", "", note, "",
+             f"Command: `{command}`. {len(records)} of {total} runs finished"
+             + ("." if len(records) == total else "; the same command resumes the others."), "", note, "",
              "dev/test bpc: `main.py --full-eval-mode --batch-sz 8` on the whole dev and test sets (every "
              "token scored). FLOPs: forward, per token, as flops.py counts them with the spans at the end of "
              "training. tokens/s: median over the logged iterations of training. peak MB: the largest resident "

@@ -341,6 +341,8 @@ def check_args(args) -> None:
                           "enwik8 DIR --from-archive enwik8.zip --test-size 200000")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder")
+    if args.report_only and not (Path(args.out) / "runs").is_dir():
+        raise ConfigError(f"--report-only: --out {args.out} holds no runs; run the study first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; rerunning skips finished runs")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on CPU, 1 with torchrun)")
     p.add_argument("--dry-run", action="store_true", help="print each run's commands and parameters; train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="write results.json, the figures and report.md from the finished runs; train nothing "
+                        "(safe while another study.py works on the same --out)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="for smoke tests only: cap every run at N steps (the figures are then not the preset's)")
     return p
@@ -368,16 +373,21 @@ def main(argv=None) -> int:
             return 0
         torch.set_num_threads(1)
         signal.signal(signal.SIGTERM, stop_children)
-        records = run_grid(runs, preset, data, out, args.jobs)
+        if args.report_only:
+            records = {run.name: load_record(run, out) for run in runs}
+        else:
+            records = run_grid(runs, preset, data, out, args.jobs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finished = [records[run.name] for run in runs if records[run.name] is not None]
-    (out / "results.json").write_text(json.dumps([r["result"] for r in finished], indent=1) + "\n")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps([r["result"] for r in finished], indent=1) + "\n")
+    os.replace(tmp, out / "results.json")
     note = preset.note + (f" This study was capped at {args.max_steps} steps (--max-steps)."
                           if args.max_steps else "")
-    command = "python scripts/study.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    study_report.write(finished, out, args.preset, note, command)
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    study_report.write(finished, out, args.preset, note, "python scripts/study.py " + " ".join(argv), len(runs))
     print(f"wrote {out / 'results.json'} and {out / 'report.md'} ({len(finished)} of {len(runs)} runs)")
     if STOP.is_set():
         print("stopped by SIGTERM: the same command resumes the unfinished runs")

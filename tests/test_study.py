@@ -151,3 +151,15 @@ def test_gpu_dry_run_prints_each_runs_flags(tmp_path):
     assert list(params) == NAMES
     assert abs(params["allattn-8192"] / params["adaptive-8192"] - 1) < 0.05
     assert not (tmp_path / "out").exists()
+
+
+def test_report_only_trains_nothing(quick):
+    data, out, _ = quick
+    before = (out / "results.json").read_text()
+    (out / "report.md").unlink()
+    stamps = {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES}
+    proc = study("--preset", "quick", "--data", data, "--out", out, "--max-steps", 2, "--report-only")
+    assert proc.returncode == 0, proc.stderr
+    assert not any(line.startswith(("[", "skip")) for line in proc.stdout.splitlines())
+    assert (out / "results.json").read_text() == before and (out / "report.md").exists()
+    assert {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES} == stamps
