@@ -132,34 +132,40 @@ def usage_text(records: List[dict]) -> str:
 
 
 def _runs_text(runs: List[dict]) -> str:
-    return ", ".join(f"L={r['max_span']}: {format_flops(r['attn_flops_per_token'])} FLOPs, {r['dev_bpc']:.3f} bpc"
+    return "; ".join(f"L={r['max_span']}: {format_flops(r['attn_flops_per_token'])} FLOPs, {r['dev_bpc']:.3f} bpc"
                      for r in runs)
+
+
+def _growth(runs: List[dict], what: str) -> str:
+    if len(runs) < 2:
+        return f"{_runs_text(runs)}; the growth with the {what} needs two or more of these runs"
+    ratio = runs[-1]["attn_flops_per_token"] / runs[0]["attn_flops_per_token"]
+    return (f"{_runs_text(runs)}: attention FLOPs per token grow {ratio:.2f}x over a "
+            f"{runs[-1]['max_span'] / runs[0]['max_span']:.0f}x range of the {what}")
 
 
 def claim_flops(results: List[dict]) -> str:
     fixed, adaptive, _ = _groups(results)
-    if len(fixed) < 2 or len(adaptive) < 2:
-        return "Not measured: fewer than two fixed-span or adaptive-span runs finished."
-    f_ratio = fixed[-1]["attn_flops_per_token"] / fixed[0]["attn_flops_per_token"]
-    a_ratio = adaptive[-1]["attn_flops_per_token"] / adaptive[0]["attn_flops_per_token"]
-    f_span, a_span = fixed[-1]["max_span"] / fixed[0]["max_span"], adaptive[-1]["max_span"] / adaptive[0]["max_span"]
-    best = min(fixed, key=lambda r: r["dev_bpc"])
-    top = adaptive[-1]
+    if not fixed or not adaptive:
+        return "Not measured: no fixed-span or no adaptive-span run finished."
+    best, top = min(fixed, key=lambda r: r["dev_bpc"]), adaptive[-1]
     diff = top["dev_bpc"] - best["dev_bpc"]
-    same = [(a, f) for a in adaptive for f in fixed if a["max_span"] == f["max_span"]]
-    same_text = "; ".join(f"at L={a['max_span']} adaptive {a['dev_bpc']:.3f} against fixed {f['dev_bpc']:.3f} bpc "
-                          f"with {a['attn_flops_per_token'] / f['attn_flops_per_token']:.2f}x its attention FLOPs"
-                          for a, f in same)
-    flat, no_loss = a_ratio < FLAT, diff <= SAME_BPC
-    return (f"Fixed spans ({_runs_text(fixed)}): attention FLOPs per token grow {f_ratio:.1f}x over a "
-            f"{f_span:.0f}x range of spans. Adaptive spans ({_runs_text(adaptive)}): they grow {a_ratio:.2f}x "
-            f"over a {a_span:.0f}x range of maximum spans. At the same maximum: {same_text or 'no pair'}. "
-            f"The best fixed span, {best['name']}, reaches {best['dev_bpc']:.3f} dev bpc; {top['name']} reaches "
-            f"{top['dev_bpc']:.3f} ({diff:+.3f}). "
+    same = "; ".join(f"at L={a['max_span']} adaptive {a['dev_bpc']:.3f} against fixed {f['dev_bpc']:.3f} bpc "
+                     f"with {a['attn_flops_per_token'] / f['attn_flops_per_token']:.2f}x its attention FLOPs"
+                     for a in adaptive for f in fixed if a["max_span"] == f["max_span"])
+    if len(adaptive) >= 2:
+        ratio = adaptive[-1]["attn_flops_per_token"] / adaptive[0]["attn_flops_per_token"]
+        flat = f"{'supported' if ratio < FLAT else 'not supported'} here"
+    else:
+        flat = "not measured (one adaptive run)"
+    partial = len(fixed) < 3 or len(adaptive) < 3
+    return (f"Fixed spans ({_growth(fixed, 'span')}). Adaptive spans ({_growth(adaptive, 'maximum span')}). "
+            f"At the same maximum: {same or 'no pair finished'}. The best fixed span, {best['name']}, reaches "
+            f"{best['dev_bpc']:.3f} dev bpc; {top['name']} reaches {top['dev_bpc']:.3f} ({diff:+.3f}). "
             f"**FLOPs nearly flat (criterion: adaptive attention FLOPs grow less than {FLAT:g}x over the range "
-            f"of maxima): {'supported' if flat else 'not supported'} here. No loss in bpc (criterion: "
-            f"{top['name']} within {SAME_BPC} bpc of the best fixed span): "
-            f"{'supported' if no_loss else 'not supported'} here.**")
+            f"of maxima): {flat}. No loss in bpc (criterion: {top['name']} within {SAME_BPC} bpc of the best "
+            f"fixed span{' that finished' if partial else ''}): {'supported' if diff <= SAME_BPC else 'not supported'} "
+            f"here.**")
 
 
 def claim_spans(results: List[dict]) -> str:
