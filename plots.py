@@ -87,3 +87,41 @@ def flops_plot(steps: Sequence[int], series: Dict[str, Sequence[float]], title: 
 
 def save(fig, path) -> None:
     fig.savefig(str(path), format="png")
+
+
+def points_plot(series: Dict[str, Sequence[tuple]], xlabel: str, ylabel: str, title: str):
+    """A Figure of labelled points ``(x, y, label)`` joined per series; x on a log scale."""
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, points) in enumerate(series.items()):
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}", label=name)
+        for x, y, label in points:
+            ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def curves_plot(series: Dict[str, tuple], xlabel: str, ylabel: str, title: str, logy: bool = False,
+                dashed: Sequence[str] = ()):
+    """A Figure of curves ``name -> (xs, ys)``; the names in ``dashed`` are drawn dashed."""
+    fig = _figure(9.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, color=f"C{i}", label=name, linestyle="--" if name in dashed else "-",
+                marker="." if len(xs) < 30 else None)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig

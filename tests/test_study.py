@@ -1,0 +1,165 @@
+"""scripts/study.py: the quick grid end to end on generated data (capped at 2 steps per run),
+results.json's keys and types, skipping and resuming on a rerun, the gpu preset's dry run.
+
+The data is written by the test (a reference-format folder of byte tokens), so nothing here
+needs ../shared.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "scripts" / "study.py"
+NAMES = ["fixed-64", "fixed-256", "fixed-1024", "adaptive-256", "adaptive-1024", "adaptive-8192",
+         "allattn-8192"]
+KEYS = ["name", "max_span", "adaptive", "pers_mem_size", "params", "steps", "dev_bpc", "test_bpc",
+        "attn_flops_per_token", "model_flops_per_token", "tokens_per_s", "peak_mem_mb", "span_avg",
+        "span_max", "head_spans"]
+CPU_SHAPE = {"nlayers": 4, "hidden": 128, "nheads": 4}  # the quick preset's model
+
+
+def study(*args, timeout=600):
+    return subprocess.run([sys.executable, str(STUDY), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def write_byte_folder(folder: Path, sizes=(("train", 30000), ("valid", 2500), ("test", 2500))) -> None:
+    """A reference-format enwik8-style folder: every byte as its decimal value, a newline byte as a line break."""
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "<page>", "[[link]]"]
+    folder.mkdir(parents=True)
+    for split, size in sizes:
+        lines = []
+        while sum(len(line) for line in lines) < size:
+            lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + ".\n")
+        raw = "".join(lines).encode()[:size]
+        (folder / f"{split}.txt").write_text(" ".join("\n" if b == 10 else str(b) for b in raw))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    data, out = tmp / "data", tmp / "out"
+    write_byte_folder(data)
+    proc = study("--preset", "quick", "--data", data, "--out", out, "--jobs", 2, "--max-steps", 2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return data, out, proc.stdout
+
+
+def test_quick_grid_results(quick):
+    _, out, stdout = quick
+    finished = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert len(finished) == 7 and all("dev" in line and "FAILED" not in line for line in finished)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results] == NAMES
+    for r in results:
+        assert list(r) == KEYS
+        assert r["steps"] == 2 and isinstance(r["params"], int) and isinstance(r["adaptive"], bool)
+        for key in ("dev_bpc", "test_bpc", "attn_flops_per_token", "model_flops_per_token", "tokens_per_s",
+                    "peak_mem_mb", "span_avg", "span_max"):
+            assert isinstance(r[key], float) and r[key] > 0, key
+        assert 0 < r["dev_bpc"] < 9 and 0 < r["test_bpc"] < 9  # 256 symbols at most: 8 bits
+        if r["adaptive"]:
+            spans = r["head_spans"]
+            assert len(spans) == (6 if r["pers_mem_size"] else 4) and all(len(l) == 4 for l in spans)
+            assert all(isinstance(s, int) and 1 <= s <= r["max_span"] for l in spans for s in l)
+            assert r["span_max"] == max(max(l) for l in spans)
+        else:
+            assert r["head_spans"] is None and r["span_avg"] == r["span_max"] == r["max_span"]
+            # content, position and value products over L keys, 2 FLOPs each: 3 * 2 * D * L per head
+            D = CPU_SHAPE["hidden"] // CPU_SHAPE["nheads"]
+            assert r["attn_flops_per_token"] == 3 * 2 * D * r["max_span"] * CPU_SHAPE["nheads"] * CPU_SHAPE["nlayers"]
+    by_name = {r["name"]: r for r in results}
+    assert by_name["allattn-8192"]["pers_mem_size"] == 256
+    ratio = by_name["allattn-8192"]["params"] / by_name["adaptive-8192"]["params"]
+    assert 0.97 < ratio < 1.03  # about the same size
+
+
+def test_quick_report_and_figures(quick):
+    _, out, _ = quick
+    report = (out / "report.md").read_text()
+    for title in ("## Claim 1", "## Claim 2", "## Claim 3"):
+        assert title in report
+    assert report.lower().count("supported here") >= 4  # a verdict per claim, two for claim 1
+    assert all(f"| {name} |" in report for name in NAMES)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in report
+        return
+    for name in ("fig_a_bpc_vs_attn_flops", "fig_b_attn_flops_vs_step", "fig_c_head_spans", "fig_d_allattn_vs_ff"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in report
+
+
+def test_rerun_skips_finished_and_resumes(quick):
+    data, out, _ = quick
+    before = (out / "results.json").read_text()
+    stamps = {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES}
+    proc = study("--preset", "quick", "--data", data, "--out", out, "--max-steps", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert sum(line.startswith("skip ") for line in proc.stdout.splitlines()) == 7
+    assert not any(line.startswith("[") for line in proc.stdout.splitlines())
+    assert (out / "results.json").read_text() == before
+    # a run whose record is lost is resumed from its finished checkpoint: evaluated again, not retrained
+    (out / "runs" / "fixed-64" / "record.json").unlink()
+    proc = study("--preset", "quick", "--data", data, "--out", out, "--max-steps", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert [l.split(":")[0] for l in proc.stdout.splitlines() if l.startswith("[")] == ["[7/7] fixed-64"]
+    assert {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES} == stamps
+    assert json.loads((out / "results.json").read_text()) == json.loads(before)
+
+
+def test_other_flags_in_the_same_out_is_an_error(quick):
+    data, out, _ = quick
+    before = (out / "results.json").read_text()
+    proc = study("--preset", "quick", "--data", data, "--out", out, "--max-steps", 3)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --out") and proc.stderr.count("\n") == 1
+    assert (out / "results.json").read_text() == before
+
+
+def test_missing_data_is_an_error(tmp_path):
+    proc = study("--preset", "quick", "--data", tmp_path / "nothing", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_dry_run_prints_each_runs_flags(tmp_path):
+    proc = study("--preset", "gpu", "--data", tmp_path / "enwik8", "--out", tmp_path / "out", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    train = [l.strip() for l in lines if l.strip().startswith("torchrun")]
+    assert len(train) == 7 and all("--nproc_per_node=8 main.py" in l and "--distributed" in l for l in train)
+    assert sum("--full-eval-mode --batch-sz 8" in l for l in lines) == 7
+    pers = [l for l in train if "--pers-mem-size 1024" in l]
+    ff = [l for l in train if "--pers-mem-size" not in l]
+    assert len(pers) == 1 and len(ff) == 6
+    assert all("--nlayers 12 --hid-sz 512 --inner-hid-sz 2048 --nheads 8 --block-sz 512" in l for l in ff)
+    assert "--nlayers 18 --hid-sz 512 --inner-hid-sz 1 --nheads 8 --block-sz 512" in pers[0]
+    assert pers[0].count("--nlayers") == 1 and "--batch-split 2" in pers[0]
+    assert pers[0].endswith(f"--attn-span 8192 --adapt-span --adapt-span-cache --adapt-span-init 0 "
+                            f"--adapt-span-loss 5e-7 --data {tmp_path / 'enwik8'} --checkpoint "
+                            f"{tmp_path / 'out' / 'runs' / 'allattn-8192' / 'model.pt'} --distributed")
+    params = {l.split(" ")[0]: int(l.split("params ")[1].split(" ")[0].replace(",", ""))
+              for l in lines if "(params" in l}
+    assert list(params) == NAMES
+    assert abs(params["allattn-8192"] / params["adaptive-8192"] - 1) < 0.05
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_only_trains_nothing(quick):
+    data, out, _ = quick
+    before = (out / "results.json").read_text()
+    (out / "report.md").unlink()
+    stamps = {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES}
+    proc = study("--preset", "quick", "--data", data, "--out", out, "--max-steps", 2, "--report-only")
+    assert proc.returncode == 0, proc.stderr
+    assert not any(line.startswith(("[", "skip")) for line in proc.stdout.splitlines())
+    assert (out / "results.json").read_text() == before and (out / "report.md").exists()
+    assert {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES} == stamps
