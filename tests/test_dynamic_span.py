@@ -19,6 +19,7 @@ import flops  # noqa: E402
 import main  # noqa: E402
 from adaptive_span import head_window  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
+from numeric import assert_matches_finite_differences  # noqa: E402
 
 V, L, K = 20, 256, 4
 
@@ -91,18 +92,7 @@ def test_gradient_of_v_and_b_matches_finite_differences():
 
     span = dyn.layers[1].span.span_logit
     params = [span.weight, span.bias, dyn.layers[0].span.span_logit.bias]
-    grads = torch.autograd.grad(loss(), params)
-    eps = 1e-6
-    for p, g in zip(params, grads):
-        for i in range(0, p.numel(), 11):
-            with torch.no_grad():
-                p.view(-1)[i] += eps
-                up = loss().item()
-                p.view(-1)[i] -= 2 * eps
-                down = loss().item()
-                p.view(-1)[i] += eps
-            want = (up - down) / (2 * eps)
-            assert abs(want - g.view(-1)[i].item()) < 1e-6 + 1e-4 * abs(want)
+    assert_matches_finite_differences(loss, params, stride=11, atol=1e-6, rtol=1e-4)
 
 
 def english_like(n_bytes: int, seed: int = 0) -> bytes:

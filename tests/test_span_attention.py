@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import span_attention  # noqa: E402
 from adaptive_span import AdaptiveSpanAttention  # noqa: E402
+from numeric import assert_matches_finite_differences  # noqa: E402
 
 
 def dense(attn: AdaptiveSpanAttention, x: torch.Tensor, pad=None) -> torch.Tensor:
@@ -155,17 +156,7 @@ def test_dynamic_gradient_matches_finite_differences():
         return (attn(x) * w).sum() + attn.span_loss()
 
     params = [attn.span.span_logit.weight, attn.span.span_logit.bias]
-    grads = torch.autograd.grad(loss(), params)
-    eps = 1e-6
-    for p, g in zip(params, grads):
-        for i in range(0, p.numel(), 7):
-            with torch.no_grad():
-                p.view(-1)[i] += eps
-                up = loss().item()
-                p.view(-1)[i] -= 2 * eps
-                down = loss().item()
-                p.view(-1)[i] += eps
-            assert abs((up - down) / (2 * eps) - g.view(-1)[i].item()) < 1e-5 * (1 + abs(g.view(-1)[i].item()))
+    assert_matches_finite_differences(loss, params, stride=7, atol=1e-5, rtol=1e-5)
 
 
 # ---- a GPT-style model that is not ours ------------------------------------------------
