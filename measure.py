@@ -43,16 +43,24 @@ def _sync(device: str) -> None:
 def time_interleaved(steps: dict, device: str, repeats: int) -> dict:
     """Median seconds per step of each (warmed-up) path, the paths alternating
     within every repeat (so both see the same machine load)."""
-    times = {name: [] for name in steps}
+    return time_interleaved_cpu(steps, device, repeats)[0]
+
+
+def time_interleaved_cpu(steps: dict, device: str, repeats: int):
+    """As ``time_interleaved``: the median wall seconds per step of each path, and the
+    median CPU seconds of this thread (which other jobs on the machine do not inflate)."""
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
     names = list(steps)
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             steps[name]()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.thread_time() - start_cpu)
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
 
 
 def peak_memory_mb(step, device: str) -> float:

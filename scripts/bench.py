@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ import flops  # noqa: E402
 from adaptive_span import AdaptiveSpan  # noqa: E402
 from attention import plan_groups  # noqa: E402
 from compile_model import compile_layers  # noqa: E402
-from measure import matmul_seconds, peak_memory_mb, time_interleaved  # noqa: E402
+from measure import matmul_seconds, peak_memory_mb, time_interleaved, time_interleaved_cpu  # noqa: E402
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
 from trainer import AdagradWithGradClip  # noqa: E402
 
@@ -372,21 +371,12 @@ def generation_section(args) -> dict:
     def recompute():
         state[:] = model(token, state)[1]
 
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     counts = {"kv-cache": 30, "recompute": 2} if args.quick else {"kv-cache": 60, "recompute": 4}
     paths = {"kv-cache": kv_cache, "recompute": recompute}
-    wall, cpu = {name: [] for name in paths}, {name: [] for name in paths}
-    for r in range(5 if args.quick else 7):
-        for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
-            sync()
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            for _ in range(counts[name]):
-                paths[name]()
-            sync()
-            wall[name].append((time.perf_counter() - start) / counts[name])
-            cpu[name].append((time.thread_time() - start_cpu) / counts[name])
-    rates = {name: 1 / statistics.median(t) for name, t in wall.items()}
-    cpu_rates = {name: 1 / statistics.median(t) for name, t in cpu.items()}
+    steps = {name: (lambda f=f, n=counts[name]: [f() for _ in range(n)]) for name, f in paths.items()}
+    wall, cpu = time_interleaved_cpu(steps, args.device, 5 if args.quick else 7)
+    rates = {name: counts[name] / t for name, t in wall.items()}
+    cpu_rates = {name: counts[name] / t for name, t in cpu.items()}
     print("\n## generation, enwik8-size model (12 layers, H=512, K=8, FF 2048, L=8192, spans "
           f"{ENWIK8_SPANS[0]}..{ENWIK8_SPANS[-1]}), batch 1, one token per step after 512")
     print("      path | tokens/s (wall) | ms/token | tokens/s (this thread's CPU time)")
