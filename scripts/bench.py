@@ -48,7 +48,7 @@ from attention import plan_groups  # noqa: E402
 from compile_model import compile_layers  # noqa: E402
 from measure import matmul_seconds, peak_memory_mb, time_interleaved, time_interleaved_cpu  # noqa: E402
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
-from trainer import AdagradWithGradClip  # noqa: E402
+from optim import AdagradWithGradClip  # noqa: E402
 
 IMPLS = ("reference", "grouped")
 PROFILES = ("learned", "short", "mixed", "max")

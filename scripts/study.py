@@ -49,6 +49,7 @@ from build import model_config  # noqa: E402
 from flags import build_parser  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
 from settings import Settings  # noqa: E402
+from train_state import load_model_state  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 RESULT_KEYS = ("name", "max_span", "adaptive", "pers_mem_size", "params", "steps", "dev_bpc", "test_bpc",
@@ -216,7 +217,7 @@ def model_figures(run: Run, ckpt_path: Path) -> dict:
     """Parameters, FLOPs and spans of the trained model in the checkpoint."""
     ckpt = ckpt_io.load_checkpoint(ckpt_path, log=lambda msg: None)
     model = TransformerSeq(ModelConfig(**ckpt["config"]["model"]))
-    ckpt_io.load_model_state(model, ckpt, ckpt_path)
+    load_model_state(model, ckpt, ckpt_path)
     cost = flops.flops_per_token(model)
     stats = model.span_stats()
     return {"params": model.num_parameters(), "steps": int(ckpt["step"]),
