@@ -33,8 +33,10 @@ def model_config(s: Settings, vocab_size: int) -> ModelConfig:
 
 
 def build_model(s: Settings, vocab_size: int, device):
-    """The model of the settings for a vocabulary of ``vocab_size``, on ``device``, with
-    the same initial weights on every rank; its config."""
+    """The model of the settings for a vocabulary of ``vocab_size`` (which the settings take:
+    the checkpoint stores it), on ``device``, with the same initial weights on every rank;
+    its config."""
+    s.model.vocab_size = vocab_size
     cfg = model_config(s, vocab_size)
     torch.manual_seed(s.train.seed)  # the same initial weights on every rank
     try:

@@ -7,7 +7,7 @@ running loss of the current iteration and the non-finite counters; per rank, eve
 state, the train and validation stream positions and caches; the data identity (path, unit,
 split, fingerprint and vocabulary); the completed iterations and the logged history.
 
-Our checkpoint dict: ``model``, ``optimizer``, ``step``, ``scheduler_iter``, ``iter_loss``
+Our checkpoint dict: ``format`` (checkpoint.FORMAT), ``model``, ``optimizer``, ``step``, ``scheduler_iter``, ``iter_loss``
 (running sum and applied steps of the current iteration), ``iter_step``, ``nonfinite``,
 ``scaler``, ``world_size``, ``ranks``, ``config`` (model / train / data), ``vocab``,
 ``iter_no`` (the last completed iteration) and ``logger`` (the history). The reference's:
@@ -18,7 +18,7 @@ from typing import List
 
 import torch
 
-from checkpoint import is_reference, previous_path
+from checkpoint import FORMAT, is_reference, previous_path
 from models import from_reference_state_dict
 from optim import build_optimizer
 from settings import Settings
@@ -49,7 +49,7 @@ class TrainState:
         ranks = all_gather_objects(self._rank_state(), self.dist)
         config = self.settings.stored(Path(self.settings.data.path).is_file())
         config["data"]["fingerprint"] = self.fingerprint
-        return {"step": t.step, "scheduler_iter": t.step,
+        return {"format": FORMAT, "step": t.step, "scheduler_iter": t.step,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "iter_loss": [t.iter_loss, t.iter_count], "iter_step": t.iter_step,
                 "nonfinite": [t.nonfinite_in_row, t.nonfinite_total],

@@ -2,6 +2,7 @@
 its whole state, no import circle among the root modules, short files and functions, and a
 --help that loads nothing heavy."""
 import ast
+import io
 import subprocess
 import sys
 from dataclasses import fields
@@ -169,3 +170,53 @@ def test_main_is_wiring_and_files_and_functions_are_short():
 
 def test_main_keeps_its_entry_points():
     assert callable(main.main) and callable(main.build_parser)
+
+
+# ---- the train state -------------------------------------------------------------------------
+def tiny_state(seed_steps: int = 0):
+    import numpy as np
+    import torch
+
+    from build import build_model
+    from data import Corpus, Vocab
+    from train_state import TrainState
+    from utils import DistInfo, seed_everything
+    s = settings_of("--nlayers", "2", "--hid-sz", "16", "--inner-hid-sz", "16", "--nheads", "2",
+                    "--attn-span", "16", "--block-sz", "8", "--batch-sz", "2", "--nbatches", "4",
+                    "--adapt-span", "--dropout", "0.3", "--optim", "adagrad", "--lr", "0.05")
+    ids = np.random.RandomState(0).randint(0, 9, 300)
+    corpus = Corpus(Vocab([chr(97 + i) for i in range(9)], "chars"), ids, ids[:120], ids[:50],
+                    fingerprint={"size": 300, "sha256": "x"})
+    model, _ = build_model(s, 9, torch.device("cpu"))
+    seed_everything(s.train.seed, 0)
+    state = TrainState(s, model, model, corpus, DistInfo())
+    for _ in range(seed_steps):
+        state.trainer.train_step()
+    return state
+
+
+def test_train_state_gives_and_takes_its_whole_state():
+    """Three steps then a state round trip: the copy's next steps equal the original's."""
+    import torch
+    state = tiny_state(3)
+    state.done, state.history = 1, {"step": [3]}
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)  # as a checkpoint file holds it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["config"]["model"]["vocab_size"] == 9 and saved["config"]["data"]["fingerprint"]["size"] == 300
+    assert saved["vocab"] == {"idx2word": state.vocab.idx2word, "style": "chars"} and saved["iter_no"] == 0
+    caches = [c.clone() for c in state.trainer.train_cache]
+    losses = [state.trainer.train_step()["loss"] for _ in range(2)]  # the random states are global:
+    copy = tiny_state(0)  # the original goes on first, then a fresh state takes the saved one
+    copy.load_state_dict(saved, "memory")
+    assert (copy.step, copy.done, copy.history, copy.trainer.iter_step) == (3, 1, {"step": [3]}, 3)
+    for a, b in zip(copy.trainer.train_cache, caches):
+        torch.testing.assert_close(a, b)
+    assert [copy.trainer.train_step()["loss"] for _ in range(2)] == losses
+    for p, q in zip(copy.model.parameters(), state.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    other = tiny_state(0)
+    other.settings.train.batch_size = 4
+    with pytest.raises(ConfigError, match="--batch-sz 4 differs from the checkpoint's 2"):
+        other.load_state_dict(saved, "memory")
