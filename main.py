@@ -10,6 +10,7 @@ Nothing heavy is imported before the command line is parsed: --help answers at o
 """
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 from errors import ConfigError
@@ -28,7 +29,6 @@ def read_checkpoint(s: Settings, explicit: set, log) -> Optional[dict]:
     """The checkpoint to resume or evaluate (None: a fresh run), its configuration merged
     into the settings."""
     import checkpoint as ckpt_io
-    from pathlib import Path
     path = s.run.checkpoint
     if not path or s.run.dry_run:
         return None
@@ -86,8 +86,6 @@ def run(s: Settings, explicit: set) -> int:
 
 def train(s: Settings, model, ddp_model, corpus, ckpt: Optional[dict], dist, log) -> int:
     """A fresh or resumed training run; the exit status."""
-    from pathlib import Path
-
     import checkpoint as ckpt_io
     from train_loop import train as train_iterations
     from train_state import TrainState
