@@ -46,7 +46,7 @@ import checkpoint as ckpt_io  # noqa: E402
 import flops  # noqa: E402
 import study_report  # noqa: E402  (scripts/study_report.py)
 from build import model_config  # noqa: E402
-from flags import build_parser  # noqa: E402
+import flags as main_flags  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
 from settings import Settings  # noqa: E402
 from train_state import load_model_state  # noqa: E402
@@ -321,7 +321,7 @@ def run_grid(runs: List[Run], preset: Preset, data: Path, out: Path, jobs: int) 
 
 def dry_run(runs: List[Run], preset: Preset, data: Path, out: Path) -> None:
     for run in runs:
-        args = build_parser().parse_args([*run.flags, "--data", str(data)])
+        args = main_flags.build_parser().parse_args([*run.flags, "--data", str(data)])
         cfg = model_config(Settings.from_args(args), preset.vocab)
         with torch.device("meta"):  # counts the parameters without allocating them
             params = TransformerSeq(cfg).num_parameters()
