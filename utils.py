@@ -1,4 +1,4 @@
-"""Process-level helpers: errors, distributed setup, random states, atomic files, metrics.
+"""Process-level helpers: distributed setup, stop signals, random states, writable folders, metrics.
 
 This file and main.py are the only ones that touch ``torch.distributed``.
 """
