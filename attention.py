@@ -139,11 +139,9 @@ BUCKET = WINDOW_BUCKET  # head windows are rounded up to a multiple of this many
 #   + 2 D H (W + M) / M   [its key and value rows]  + ELEM_COST * (W + 2 (c + W)))
 # [element-wise passes over the (M, W) logits, the skew and unskew of (M, c + W)],
 # plus GROUP_COST per group and CHUNK_COST per extra query chunk, independent of B.
-# Measured once by `OMP_NUM_THREADS=1 python scripts/fit_attention_cost.py --cases 40`
-# (2026-12-03, 2 shared CPU cores under a load of ~4.5, torch 2.13.0): a least-squares fit
-# of _group_attention forward+backward times gave 15 GMAC/s and 58.5 MAC-equivalents per
-# logit element; the time left over in the smallest groups gave 5.4e6 per group and 9.4e5
-# per extra chunk. Rounded below; the plan depends on the shapes only, never on a timing.
+# The three constants are measured by `OMP_NUM_THREADS=1 python scripts/fit_attention_cost.py
+# --cases 40` (a least-squares fit of _group_attention forward+backward times), rounded; the
+# fitted figures are in docs/performance.md. The plan depends on the shapes only, never on a timing.
 ELEM_COST = 60.0
 GROUP_COST = 5.0e6
 CHUNK_COST = 1.0e6

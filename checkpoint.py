@@ -1,28 +1,41 @@
-"""Checkpoints: our resumable format and the reference implementation's.
-
-Ours is a ``torch.save`` dict that loads with ``weights_only=True``: ``format``, what
-``Trainer.state_dict()`` gives (``model``, ``optimizer``, ``step``, ``scheduler_iter``,
-``iter_loss`` and ``iter_step`` (the running sum and the steps of the current iteration),
-``nonfinite``, ``scaler``, ``world_size`` and ``ranks``: per rank, every random state,
-the train and validation stream positions and caches) and what main.py adds: ``config``
-(model / train / data, the data with its path, unit, split and fingerprint), ``vocab``,
-``iter_no`` (completed iterations) and ``logger`` (the logged history). This module
-only writes, reads and checks the files: it is written atomically and the previous
-file is kept as ``*.prev``.
-
-The reference's is ``{iter_no, model, logger, optimizer[, scheduler_iter]}`` with
-``module.``-prefixed parameter names.
+"""Checkpoint files: written atomically with the previous file kept as ``*.prev``, read
+(falling back to ``.prev`` when the latest is corrupt, which is set aside as ``*.corrupt``
+once the run writes again), and checked (writable path; ours or the reference's format).
+What a checkpoint holds is train_state.py's: this module only writes, reads and checks files.
 """
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
-from models import from_reference_state_dict
-from utils import ConfigError, atomic_save, previous_path, unwritable_reason
+from utils import ConfigError, unwritable_reason
 
 FORMAT = "adaptive-span-checkpoint/1"
+
+
+def previous_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file, fsync, keep the previous file as ``*.prev``, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def is_reference(ckpt: dict) -> bool:
@@ -99,26 +112,6 @@ def check_writable(path: str) -> None:
 def write_checkpoint(ckpt: dict, path: Path) -> None:
     """Atomically, keeping the previous file as ``*.prev``."""
     atomic_save({"format": FORMAT, **ckpt}, Path(path))
-
-
-def model_state(ckpt: dict) -> dict:
-    return from_reference_state_dict(ckpt["model"]) if is_reference(ckpt) else ckpt["model"]
-
-
-def load_model_state(model: torch.nn.Module, ckpt: dict, path) -> None:
-    """Load weights, with one clear error when the checkpoint does not match the model."""
-    state = model_state(ckpt)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        detail = (shapes[:2] + [f"missing {missing[:3]}"] * bool(missing)
-                  + [f"unexpected {unexpected[:3]}"] * bool(unexpected))
-        raise ConfigError(f"--checkpoint {path} does not match the model built from the flags "
-                          f"({'; '.join(detail)}); pass the flags it was trained with")
-    model.load_state_dict(state)
 
 
 def cache_megabytes(ckpt: dict) -> float:

@@ -1,94 +1,92 @@
-"""Checks of the command line, the data and the outputs, made before any work starts.
+"""Checks of the flags' combinations, the data and the outputs, made before any work starts
+(each flag on its own: its field's rule in config.py, ``Settings.check_ranges``).
 
 Each failure is a ``ConfigError`` that main.py prints as one ``error:`` line (exit
 status 2) naming the flag or file and what to do; nothing has been written by then.
 """
-import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 import checkpoint as ckpt_io
 from corpus_cache import describe
-from data import check_split
-from utils import ConfigError, unwritable_reason
-
-# flags that count something and where zero or less means nothing
-POSITIVE_COUNTS = ("hid_sz", "inner_hid_sz", "nlayers", "nheads", "attn_span", "block_sz", "batch_sz",
-                   "batch_split", "nbatches", "niter", "adapt_span_ramp", "adapt_io_divval", "max_nonfinite")
-NON_NEGATIVE = ("pers_mem_size", "lr_warmup", "grad_clip", "momentum", "adapt_span_loss", "vocab_size")
+from settings import Settings
+from utils import ConfigError, DistInfo, unwritable_reason
 
 
-def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def check_flag_ranges(args) -> None:
-    """Each flag on its own: counts, probabilities, rates."""
-    for dest in POSITIVE_COUNTS:
-        if getattr(args, dest) < 1:
-            raise ConfigError(f"{flag(dest)} must be at least 1, got {getattr(args, dest)}")
-    for dest in NON_NEGATIVE:
-        if getattr(args, dest) < 0:
-            raise ConfigError(f"{flag(dest)} must not be negative, got {getattr(args, dest)}")
-    for dest in ("dropout", "emb_dropout"):
-        value = getattr(args, dest)
-        if not 0 <= value < 1:
-            raise ConfigError(f"{flag(dest)} is a probability in [0, 1), got {value}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
-    if not 0 <= args.adapt_span_init <= 1:
-        raise ConfigError(f"--adapt-span-init is a fraction of --attn-span in [0, 1], got {args.adapt_span_init}")
-    if min(args.adapt_io_cutoffs) < 1:
-        raise ConfigError(f"--adapt-io-cutoffs must be positive, got {args.adapt_io_cutoffs}")
-    check_split(args.data_split)
-
-
-def check_flags(args) -> None:
+def check_flags(s: Settings) -> None:
     """Every flag and their combinations (after a checkpoint's configuration is merged)."""
-    check_flag_ranges(args)
-    if args.hid_sz % args.nheads:
-        raise ConfigError(f"--hid-sz {args.hid_sz} is not divisible by --nheads {args.nheads}")
-    if args.batch_sz % args.batch_split:
-        raise ConfigError(f"--batch-sz {args.batch_sz} is not divisible by --batch-split {args.batch_split}")
-    if args.adapt_span and args.adapt_span_ramp > args.attn_span:
-        raise ConfigError(f"--adapt-span-ramp {args.adapt_span_ramp} is longer than --attn-span "
-                          f"{args.attn_span}; give a ramp of at most the span")
-    if args.adapt_span_dynamic and not args.adapt_span:
+    s.check_ranges()
+    m, t, r = s.model, s.train, s.run
+    if m.hidden_size % m.nheads:
+        raise ConfigError(f"--hid-sz {m.hidden_size} is not divisible by --nheads {m.nheads}")
+    if t.batch_size % t.batch_split:
+        raise ConfigError(f"--batch-sz {t.batch_size} is not divisible by --batch-split {t.batch_split}")
+    if m.adapt_span and m.adapt_span_ramp > m.attn_span:
+        raise ConfigError(f"--adapt-span-ramp {m.adapt_span_ramp} is longer than --attn-span "
+                          f"{m.attn_span}; give a ramp of at most the span")
+    if m.adapt_span_dynamic and not m.adapt_span:
         raise ConfigError("--adapt-span-dynamic needs --adapt-span")
-    if args.adapt_span_dynamic and args.compile:
+    if m.adapt_span_dynamic and r.compile:
         raise ConfigError("--compile does not support --adapt-span-dynamic (its windows follow each "
                           "block's input); drop one of the two")
-    if args.adapt_io_tied and not args.adapt_io:
+    if m.adapt_io_tied and not m.adapt_io:
         raise ConfigError("--adapt-io-tied needs --adapt-io")
-    if args.eval_other_data and not args.full_eval_mode:
+    if r.eval_other_data and not r.full_eval_mode:
         raise ConfigError("--eval-other-data is for evaluation (--full-eval-mode): a run resumes on its own data")
-    if args.full_eval_mode and not args.checkpoint:
+    if r.full_eval_mode and not r.checkpoint:
         raise ConfigError("--full-eval-mode needs --checkpoint PATH (the model to evaluate)")
-    if args.amp != "none" and not torch.cuda.is_available():
-        raise ConfigError(f"--amp {args.amp} needs a CUDA device; drop it on CPU")
+    if t.amp != "none" and not torch.cuda.is_available():
+        raise ConfigError(f"--amp {t.amp} needs a CUDA device; drop it on CPU")
 
 
-def check_same_data(args, saved: dict, fp: dict, log=print) -> None:
+def check_batch(s: Settings, dist: DistInfo) -> None:
+    """The global batch splits over the ranks and then into --batch-split passes."""
+    batch, split = s.train.batch_size, s.train.batch_split
+    if batch % dist.world_size or (batch // dist.world_size) % split:
+        raise ConfigError(f"--batch-sz {batch} must split evenly over {dist.world_size} ranks "
+                          f"and then into --batch-split {split}")
+
+
+def check_same_data(s: Settings, saved: dict, fp: dict, log=print) -> None:
     """The data of ``--data`` are those the checkpoint was trained on (when it says so);
     ``--eval-other-data`` lets an evaluation use other data, with a warning."""
-    want = saved.get("fingerprint")
+    want, data, run = saved.get("fingerprint"), s.data.path, s.run
     if not want or (want["size"], want["sha256"]) == (fp["size"], fp["sha256"]):
         return
-    if args.full_eval_mode and args.eval_other_data:
-        log(f"warning: evaluating on --data {args.data} ({describe(fp)}), not on the checkpoint's training "
+    if run.full_eval_mode and run.eval_other_data:
+        log(f"warning: evaluating on --data {data} ({describe(fp)}), not on the checkpoint's training "
             f"data ({saved['path']}: {describe(want)})")
         return
-    hint = " (to evaluate on other data on purpose, add --eval-other-data)" if args.full_eval_mode else ""
-    raise ConfigError(f"--data {args.data} ({describe(fp)}) is not the data the checkpoint "
-                      f"{args.checkpoint} was trained on ({saved['path']}: {describe(want)}); "
+    hint = " (to evaluate on other data on purpose, add --eval-other-data)" if run.full_eval_mode else ""
+    raise ConfigError(f"--data {data} ({describe(fp)}) is not the data the checkpoint "
+                      f"{run.checkpoint} was trained on ({saved['path']}: {describe(want)}); "
                       f"point --data at the training data, or use another --checkpoint{hint}")
 
 
-def check_outputs(args, tensorboard: Path) -> None:
+def check_vocab(s: Settings, ckpt: Optional[dict], idx2word: list) -> None:
+    """The data's vocabulary is the checkpoint's (where it carries one)."""
+    if ckpt is not None and "vocab" in ckpt and ckpt["vocab"]["idx2word"] != idx2word:
+        raise ConfigError(f"--data {s.data.path} has another vocabulary than the one {s.run.checkpoint} "
+                          "was trained with; point --data at the training data")
+
+
+def tensorboard_dir(s: Settings) -> Optional[Path]:
+    """--tensorboard-dir, else ``<checkpoint stem>.logs`` beside the checkpoint, else none."""
+    if s.run.tensorboard_dir:
+        return Path(s.run.tensorboard_dir)
+    if s.run.checkpoint:
+        path = Path(s.run.checkpoint)
+        return path.with_name(path.stem + ".logs")
+    return None
+
+
+def check_outputs(s: Settings) -> None:
     """The checkpoint and the TensorBoard folder can be written (checked, not written)."""
-    if args.checkpoint:
-        ckpt_io.check_writable(args.checkpoint)
+    if s.run.checkpoint:
+        ckpt_io.check_writable(s.run.checkpoint)
+    tensorboard = tensorboard_dir(s)
     if tensorboard is not None:
         if tensorboard.exists() and not tensorboard.is_dir():
             raise ConfigError(f"--tensorboard-dir {tensorboard} is a file; give a folder")

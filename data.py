@@ -11,7 +11,6 @@ Formats read by ``load_corpus``:
 The tokenised splits are cached in a cache folder keyed by the data's path and content
 (corpus_cache.py); ``Corpus.fingerprint`` is the data's size and sha256.
 """
-import math
 import random
 from array import array
 from dataclasses import dataclass
@@ -23,19 +22,12 @@ import torch
 from tqdm import tqdm
 
 import corpus_cache
+from config import SPLIT, DataConfig  # noqa: F401  (DataConfig: importable from here)
 from utils import ConfigError
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
 CHUNK_BYTES = 1 << 25  # tokenise in pieces of 32 MB
-
-
-@dataclass
-class DataConfig:
-    path: str
-    sort_by_freq: bool = False
-    split: Tuple[float, float, float] = (0.9, 0.05, 0.05)  # for raw text files
-    cache_dir: Optional[str] = None  # default: corpus_cache.cache_root()
 
 
 @dataclass
@@ -252,9 +244,7 @@ def source_files(path: Path) -> List[Path]:
 
 def check_split(split: Sequence[float]) -> None:
     """Three positive fractions that sum to 1: train, valid, test of a plain text file."""
-    if len(split) != 3 or min(split) <= 0 or not math.isclose(sum(split), 1.0, abs_tol=1e-6):
-        raise ConfigError(f"--data-split {' '.join(f'{x:g}' for x in split)}: give three positive "
-                          "fractions (train, valid, test) that sum to 1, e.g. --data-split 0.9 0.05 0.05")
+    SPLIT.check("--data-split", split)
 
 
 def split_sizes(n: int, split: Sequence[float]) -> Tuple[int, int, int]:

@@ -10,7 +10,6 @@ Layers are post-LayerNorm: ``h = LN1(h + Attn(h))`` then ``LN2(h + FF(h))``
 (no FF and no LN2 when persistent memory replaces it). The cache of layer l
 holds the last ``cache_size`` inputs of layer l, detached.
 """
-from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import torch
@@ -20,45 +19,10 @@ import torch.nn.functional as F
 from adaptive_io import build_adaptive_io, tied_counterpart, tied_mismatches, zero_dependency
 from adaptive_span import AdaptiveSpan, DynamicSpan
 from attention import attention_plan, grouped_attention, reference_attention
+from config import ModelConfig  # noqa: F401  (the model's settings; importable from here)
 from persistent_memory import PersistentMemory
 
-ATTN_IMPLS = {"grouped": grouped_attention, "reference": reference_attention}
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int = 256
-    inner_hidden_size: int = 1024
-    nlayers: int = 8
-    nheads: int = 2
-    attn_span: int = 32
-    dropout: float = 0.2
-    emb_dropout: float = 0.0
-    adapt_span: bool = False
-    adapt_span_loss: float = 0.0
-    adapt_span_ramp: int = 32
-    adapt_span_init: float = 0.0
-    adapt_span_cache: bool = False
-    adapt_span_dynamic: bool = False
-    pers_mem_size: int = 0
-    pers_mem_keep_ff: bool = False
-    attn_impl: str = "grouped"
-    adapt_io: bool = False
-    adapt_io_tied: bool = False
-    adapt_io_divval: int = 4
-    adapt_io_cutoffs: List[int] = field(default_factory=lambda: [20000, 40000, 200000])
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.nheads
-
-    @property
-    def has_ff(self) -> bool:
-        return self.pers_mem_size == 0 or self.pers_mem_keep_ff
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+ATTN_IMPLS = {"grouped": grouped_attention, "reference": reference_attention}  # config.ATTN_IMPL_NAMES
 
 
 class SeqAttention(nn.Module):

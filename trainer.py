@@ -1,108 +1,21 @@
-"""Optimisation, training iterations and evaluation.
+"""One training step and the rolling validation of one rank.
 
 The order inside a step is the reference's: zero the gradients; forward and
 backward per batch split (loss / S, span loss included); set the warm-up learning
 rate of update t (counted from 1); clip; optimizer step; clamp the spans.
+train_state.py saves and restores everything a ``Trainer`` holds.
 """
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import List, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from data import Stream, batchify, eval_rows
-from utils import ConfigError, DistInfo, all_gather_objects, all_reduce_sum, rng_state, set_rng_state
-
-LN2 = math.log(2)
-
-
-@dataclass
-class TrainConfig:
-    optim: str = "sgd"
-    lr: float = 0.03
-    momentum: float = 0.9
-    grad_clip: float = 0.0
-    lr_warmup: int = 0
-    batch_size: int = 64  # global, over all ranks
-    batch_split: int = 1
-    block_size: int = 64
-    nbatches: int = 1000
-    niter: int = 1000
-    seed: int = 1111
-    max_nonfinite: int = 10
-    amp: str = "none"
-
-
-class AdagradWithGradClip(torch.optim.Optimizer):
-    """The reference's Adagrad: per-tensor clipping scales the step size, not the gradient,
-    and the accumulator adds the unclipped g^2."""
-
-    def __init__(self, params, lr: float, grad_clip: float = 0.0, eps: float = 1e-10):
-        defaults = dict(lr=lr, lr_decay=0, eps=eps, weight_decay=0, initial_accumulator_value=0,
-                        grad_clip=grad_clip)
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every parameter with a gradient, in a few multi-tensor (foreach)
-        operations and without host syncs: the per-tensor clip factor
-        ``min(1, clip / (|g| + 1e-10))`` is applied on the device."""
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if not self.state[p]:
-                    self.state[p]["step"] = torch.tensor(0.0)
-                    self.state[p]["sum"] = torch.zeros_like(p)
-            grads = [p.grad for p in params]
-            steps = [self.state[p]["step"] for p in params]
-            sums = [self.state[p]["sum"] for p in params]
-            torch._foreach_add_(steps, 1)
-            torch._foreach_addcmul_(sums, grads, grads, value=1)
-            std = torch._foreach_sqrt(sums)
-            torch._foreach_add_(std, group["eps"])
-            if group["grad_clip"] <= 0 and group["lr_decay"] == 0:
-                torch._foreach_addcdiv_(params, grads, std, value=-group["lr"])
-                continue
-            rate = self._step_sizes(group, grads, steps)  # (P,)
-            updates = torch._foreach_div(grads, std)
-            torch._foreach_mul_(updates, [r.to(p.device) for r, p in zip(rate.unbind(), params)])
-            torch._foreach_add_(params, updates)
-
-    @staticmethod
-    def _step_sizes(group: dict, grads: list, steps: list) -> torch.Tensor:
-        """Per tensor: minus the learning rate, decayed, times the clip factor. (P,)"""
-        device = grads[0].device
-        rate = torch.full((len(grads),), -group["lr"], dtype=torch.float64, device=device)  # (P,)
-        if group["lr_decay"] != 0:
-            count = torch.stack([s.to(device) for s in steps]).double()  # (P,)
-            rate = rate / (1 + (count - 1) * group["lr_decay"])  # (P,)
-        if group["grad_clip"] > 0:
-            clip = group["grad_clip"]
-            norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)]).double()  # (P,)
-            rate = rate * torch.where(norms > clip, clip / (norms + 1e-10), 1.0)  # (P,)
-        return rate.float()  # (P,)
-
-
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optim == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optim == "adagrad":
-        return AdagradWithGradClip(params, lr=cfg.lr, grad_clip=cfg.grad_clip)
-    return torch.optim.Adam(params, lr=cfg.lr)
-
-
-def lr_at(update: int, cfg: TrainConfig) -> float:
-    """Linear warm-up ``min(1, t / warmup)`` for update t counted from 1, then constant."""
-    return cfg.lr * (min(1.0, update / cfg.lr_warmup) if cfg.lr_warmup > 0 else 1.0)
-
-
-def to_unit(nll: float, unit: str) -> float:
-    return nll / LN2 if unit == "bpc" else math.exp(min(nll, 700.0))
+from config import TrainConfig
+from data import Stream, batchify
+from optim import lr_at
+from utils import DistInfo, all_reduce_sum
 
 
 class Trainer:
@@ -213,58 +126,6 @@ class Trainer:
         self.iter_loss, self.iter_count, self.iter_step = 0.0, 0, 0
         return nll
 
-    # ---- checkpoint state --------------------------------------------------
-    def state_dict(self) -> dict:
-        """What a resumed run needs from the trainer: weights, optimizer, counters and, per
-        rank, the random states, stream positions and caches. A collective: every rank calls
-        it and gets every rank's share. Loads with ``torch.load(weights_only=True)``."""
-        self.sync_iteration()  # a partial iteration's running loss: every rank resumes with the mean
-        ranks = all_gather_objects(self._rank_state(), self.dist)
-        return {"step": self.step, "scheduler_iter": self.step,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "iter_loss": [self.iter_loss, self.iter_count], "iter_step": self.iter_step,
-                "nonfinite": [self.nonfinite_in_row, self.nonfinite_total],
-                "world_size": len(ranks), "ranks": ranks,
-                "scaler": self.scaler.state_dict() if self.scaler else {}}
-
-    def load_state_dict(self, state: dict, log=print) -> None:
-        """Take the state of ``state_dict()`` (the weights are loaded with the model, before
-        the trainer exists). A reference checkpoint has only the optimizer and step: its
-        streams start afresh. A state of another number of ranks has its caches re-cut."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
-            group["grad_clip"] = self.cfg.grad_clip  # the command line's clip, as the reference
-        self.step = int(state.get("scheduler_iter", state.get("step", 0)) or 0)
-        if "ranks" not in state:
-            return  # the reference saves no stream positions, caches or random states
-        self.iter_loss, self.iter_count = state["iter_loss"]
-        self.iter_step = int(state["iter_step"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite"]
-        ranks, dist = state["ranks"], self.dist
-        if len(ranks) == dist.world_size:
-            mine = ranks[dist.rank]
-            self.train_cache = [c.to(dist.device) for c in mine["train_cache"]]
-            self.valid_cache = [c.to(dist.device) for c in mine["valid_cache"]]
-            set_rng_state(mine["rng"])
-        else:
-            log(f"resuming {len(ranks)}-rank state on {dist.world_size} ranks: caches resharded, "
-                "stream positions kept, dropout random states re-derived from rank 0's")
-            self.train_cache = _reshard([r["train_cache"] for r in ranks], dist)
-            self.valid_cache = _reshard([r["valid_cache"] for r in ranks], dist)
-            set_rng_state(ranks[0]["rng"])
-            torch.manual_seed(int(torch.randint(2**31, ()).item()) + dist.rank)
-        self.train_stream.load_state_dict(ranks[0]["train_stream"])
-        self.valid_stream.load_state_dict(ranks[0]["valid_stream"])
-
-    def _rank_state(self) -> dict:
-        return {"rng": rng_state(),
-                "train_stream": self.train_stream.state_dict(),
-                "valid_stream": self.valid_stream.state_dict(),
-                "train_cache": [c.detach().cpu() for c in self.train_cache],
-                "valid_cache": [c.detach().cpu() for c in self.valid_cache]}
-
     # ---- evaluation --------------------------------------------------------
     @torch.no_grad()
     def validate(self, nblocks: int) -> float:
@@ -282,57 +143,3 @@ class Trainer:
                 self.valid_cache = [torch.zeros_like(c) for c in self.valid_cache]
         all_reduce_sum(total, self.dist)
         return (total[0] / total[1]).item()
-
-
-def _reshard(tensors_per_rank: List[List[torch.Tensor]], dist: DistInfo) -> List[torch.Tensor]:
-    """Per-layer caches of the old ranks, concatenated over rows, re-cut for this rank."""
-    out = []
-    for layer in zip(*tensors_per_rank):
-        size = min(t.size(1) for t in layer)
-        full = torch.cat([t[:, t.size(1) - size:] for t in layer], dim=0)  # (B, C, H)
-        rows = full.size(0) // dist.world_size
-        out.append(full[dist.rank * rows:(dist.rank + 1) * rows].to(dist.device))  # (B/W, C, H)
-    return out
-
-
-@torch.no_grad()
-def evaluate(ddp_model, model, ids: np.ndarray, batch_size: int, block: int, dist: DistInfo,
-             reference: bool = False, amp: str = "none", desc: str = "eval") -> Tuple[float, int]:
-    """Mean token NLL (nats) and the number of scored tokens over a whole split.
-
-    Each of ``batch_size`` rows is a stream from an empty cache. By default every token
-    (but the split's first) is scored, the last partial block included. With ``reference``
-    the reference protocol: full blocks only, each row's tail skipped, mean of block means.
-    """
-    if batch_size % dist.world_size:
-        raise ConfigError(f"--batch-sz {batch_size} must be divisible by the {dist.world_size} ranks for evaluation")
-    ddp_model.eval()
-    local = batch_size // dist.world_size
-    rows = slice(dist.rank * local, (dist.rank + 1) * local)
-    if reference:
-        data = batchify(ids, batch_size)[rows]  # (B', n)
-        inputs, targets, mask = data[:, :-1], data[:, 1:], np.ones_like(data[:, 1:], dtype=bool)
-        # the reference stops after the first block k with k * block >= ncols - block
-        ncols = data.shape[1]
-        nblocks = min(max(1, math.ceil((ncols - block) / block)), math.ceil(ncols / block))
-    else:
-        inputs, targets, mask = (a[rows] for a in eval_rows(ids, batch_size))  # (B', n) each
-        nblocks = math.ceil(inputs.shape[1] / block)
-    caches = model.init_cache(local, dist.device)
-    sums = torch.zeros(nblocks, 2, dtype=torch.float64, device=dist.device)  # per block: nll, count
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    bar = tqdm(range(nblocks), desc=desc, disable=True if not dist.is_main or nblocks < 20 else None, leave=False)
-    for b in bar:
-        cols = slice(b * block, (b + 1) * block)
-        x = torch.from_numpy(np.ascontiguousarray(inputs[:, cols], dtype=np.int64)).to(dist.device)
-        y = torch.from_numpy(np.ascontiguousarray(targets[:, cols], dtype=np.int64)).to(dist.device)
-        m = torch.from_numpy(np.ascontiguousarray(mask[:, cols])).to(dist.device)
-        with torch.autocast(dist.device.type, dtype=dtype) if dtype else nullcontext():
-            nll, caches = ddp_model(x, caches, y)  # (B', m)
-        sums[b, 0] = (nll.double() * m).sum()
-        sums[b, 1] = m.sum()
-    all_reduce_sum(sums, dist)
-    count = int(sums[:, 1].sum().item())
-    if reference:
-        return (sums[:, 0] / sums[:, 1]).mean().item(), count
-    return (sums[:, 0].sum() / sums[:, 1].sum()).item(), count

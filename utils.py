@@ -1,4 +1,4 @@
-"""Process-level helpers: errors, distributed setup, random states, atomic files, metrics.
+"""Process-level helpers: distributed setup, stop signals, random states, writable folders, metrics.
 
 This file and main.py are the only ones that touch ``torch.distributed``.
 """
@@ -16,9 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class ConfigError(Exception):
-    """A user error: bad flags, data or checkpoint. main.py prints it in one line."""
+from errors import ConfigError  # noqa: F401  (re-exported: the scripts import it from here)
 
 
 # ---- distributed -------------------------------------------------------------
@@ -159,25 +157,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- files -------------------------------------------------------------------
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file, fsync, keep the previous file as ``*.prev``, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, previous_path(path))
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def unwritable_reason(folder: Path) -> str:
     """Why files cannot be created in ``folder`` (made if missing), or '' when they can.
     Writes nothing. A folder without any write permission bit counts as read-only even
@@ -194,11 +173,6 @@ def unwritable_reason(folder: Path) -> str:
     if os.statvfs(existing).f_flag & os.ST_RDONLY:
         return f"the folder {existing} is on a read-only file system"
     return ""
-
-
-def previous_path(path: Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".prev")
 
 
 # ---- metrics -----------------------------------------------------------------

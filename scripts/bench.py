@@ -25,7 +25,7 @@ path per fresh process, over one step after a warm-up step; on CPU the growth of
 the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs)
 over the resident size before the step (glibc is told to return freed memory
 at once: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, malloc_trim), on CUDA
-torch.cuda.max_memory_allocated over the allocated memory before the step (measure.py).
+torch.cuda.max_memory_allocated over the allocated memory before the step (scripts/measure.py).
 
     python scripts/bench.py --quick [--json FILE] [--threads 1] [--device cpu]
 """
@@ -48,7 +48,7 @@ from attention import plan_groups  # noqa: E402
 from compile_model import compile_layers  # noqa: E402
 from measure import matmul_seconds, peak_memory_mb, time_interleaved, time_interleaved_cpu  # noqa: E402
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
-from trainer import AdagradWithGradClip  # noqa: E402
+from optim import AdagradWithGradClip  # noqa: E402
 
 IMPLS = ("reference", "grouped")
 PROFILES = ("learned", "short", "mixed", "max")

@@ -36,10 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoint as ckpt_io  # noqa: E402
 import flags  # noqa: E402
-import main as entry  # noqa: E402
+from build import build_model  # noqa: E402
+from checks import check_flags  # noqa: E402
 from data import EOS, DataConfig, Vocab, load_corpus  # noqa: E402
 from inference import KVCache  # noqa: E402
 from models import TransformerSeq  # noqa: E402
+from settings import Settings  # noqa: E402
+from train_state import load_model_state  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 
@@ -181,18 +184,19 @@ def load(args, explicit: set) -> Tuple[TransformerSeq, Vocab, int]:
     if not args.checkpoint:
         raise ConfigError("--checkpoint PATH is required")
     ckpt = ckpt_io.require_checkpoint(args.checkpoint, log=lambda msg: print(msg, file=sys.stderr))
+    settings = Settings.from_args(args)
     if ckpt_io.is_reference(ckpt):
         if "data" not in explicit:
             raise ConfigError("a reference checkpoint carries no vocabulary: give --data DIR (its "
                               "training data) and the model flags it was trained with")
-        vocab = load_corpus(DataConfig(args.data, sort_by_freq=args.adapt_io)).vocab
+        vocab = load_corpus(DataConfig(settings.data.path, sort_by_freq=settings.model.adapt_io)).vocab
     else:
-        entry.merge_saved_config(args, explicit, ckpt["config"])
+        settings.merge_saved(ckpt["config"], explicit, args.checkpoint)
         vocab = Vocab(**ckpt["vocab"])
-    entry.check_flags(args)
-    model, _, _ = entry.build_model(args, len(vocab), "cpu")
-    ckpt_io.load_model_state(model, ckpt, args.checkpoint)
-    return model.eval(), vocab, args.block_sz
+    check_flags(settings)
+    model, _ = build_model(settings, len(vocab), "cpu")
+    load_model_state(model, ckpt, args.checkpoint)
+    return model.eval(), vocab, settings.train.block_size
 
 
 def pick_device(name: str) -> torch.device:
@@ -266,7 +270,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         raise ConfigError("--num-samples must be at least 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    model, vocab, block = load(args, entry.explicit_flags(parser, argv))
+    model, vocab, block = load(args, flags.explicit_flags(argv))
     model.to(pick_device(args.device))
     write_samples(args, model, vocab, prompt_ids(vocab, args.prompt), block)
     return 0

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ckpt_io  # noqa: E402
 from adaptive_span import AdaptiveSpan  # noqa: E402
 import plots  # noqa: E402
+from train_state import model_state  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 SPAN_KEY = re.compile(r"^layers\.(\d+)\.attn\.attn\.adaptive_span\._mask\.current_val$")
@@ -41,7 +42,7 @@ FLOPS_SERIES = {"flops/attn_flops": "attention, learned spans",
 
 def checkpoint_spans(ckpt: dict, ramp: Optional[int] = None) -> Tuple[List[List[int]], int]:
     """Per layer, per head spans, and the max span L, of a loaded checkpoint."""
-    state = ckpt_io.model_state(ckpt)
+    state = model_state(ckpt)
     if ramp is None:
         ramp = 32 if ckpt_io.is_reference(ckpt) else ckpt["config"]["model"]["adapt_span_ramp"]
     layers = sorted((int(m.group(1)), key) for key in state for m in [SPAN_KEY.match(key)] if m)

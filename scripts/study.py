@@ -44,9 +44,12 @@ import torch  # noqa: E402
 
 import checkpoint as ckpt_io  # noqa: E402
 import flops  # noqa: E402
-import main as main_py  # noqa: E402
-import study_report  # noqa: E402
+import study_report  # noqa: E402  (scripts/study_report.py)
+from build import model_config  # noqa: E402
+import flags as main_flags  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
+from settings import Settings  # noqa: E402
+from train_state import load_model_state  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 RESULT_KEYS = ("name", "max_span", "adaptive", "pers_mem_size", "params", "steps", "dev_bpc", "test_bpc",
@@ -72,12 +75,9 @@ class Preset:
 CPU_MODEL = ["--nlayers", "4", "--hid-sz", "128", "--inner-hid-sz", "512", "--nheads", "4",
              "--block-sz", "128", "--batch-sz", "16", "--dropout", "0"]
 CPU_PERS = ["--nlayers", "6", "--pers-mem-size", "256", "--inner-hid-sz", "1"]
-CPU_NOTE = ("Step times measured on this 2-core machine (`python main.py` with the cpu preset's model, "
-            "30 steps, OMP_NUM_THREADS=1, one run at a time, 2026-12-03): fixed-64 281 ms, fixed-256 "
-            "355 ms, fixed-1024 1622 ms, adaptive-256 416 ms, adaptive-1024 484 ms, adaptive-8192 "
-            "545 ms, allattn-8192 (at max 1024) 492 ms; 4.2 s per step for the whole grid, so about "
-            "2.1 s per step on 2 cores. 1,000 steps take about 35 minutes of training on an idle "
-            "machine, plus the whole-set evaluations.")
+CPU_NOTE = ("The schedule is sized by the step time of each run's `python main.py` command (the "
+            "commands that `python scripts/study.py --preset cpu --dry-run` prints), 30 steps each with "
+            "OMP_NUM_THREADS=1, one run at a time; the figures are in docs/performance.md (study presets).")
 PRESETS = {
     "quick": Preset(CPU_MODEL, CPU_PERS, "2e-6", steps=100, nbatches=20, warmup=10,
                     note="The cpu preset's model at 1/10 of its steps. " + CPU_NOTE),
@@ -217,7 +217,7 @@ def model_figures(run: Run, ckpt_path: Path) -> dict:
     """Parameters, FLOPs and spans of the trained model in the checkpoint."""
     ckpt = ckpt_io.load_checkpoint(ckpt_path, log=lambda msg: None)
     model = TransformerSeq(ModelConfig(**ckpt["config"]["model"]))
-    ckpt_io.load_model_state(model, ckpt, ckpt_path)
+    load_model_state(model, ckpt, ckpt_path)
     cost = flops.flops_per_token(model)
     stats = model.span_stats()
     return {"params": model.num_parameters(), "steps": int(ckpt["step"]),
@@ -321,8 +321,8 @@ def run_grid(runs: List[Run], preset: Preset, data: Path, out: Path, jobs: int) 
 
 def dry_run(runs: List[Run], preset: Preset, data: Path, out: Path) -> None:
     for run in runs:
-        args = main_py.build_parser().parse_args([*run.flags, "--data", str(data)])
-        cfg, _ = main_py.configs_from_args(args, preset.vocab)
+        args = main_flags.build_parser().parse_args([*run.flags, "--data", str(data)])
+        cfg = model_config(Settings.from_args(args), preset.vocab)
         with torch.device("meta"):  # counts the parameters without allocating them
             params = TransformerSeq(cfg).num_parameters()
         ckpt = out / "runs" / run.name / "model.pt"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import flags
 import main
+import train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -90,7 +91,7 @@ def test_resume_says_from_where(data, tmp_path, capsys):
 def test_slow_cpu_run_warns_once_with_the_time_per_step(data, tmp_path, capsys, monkeypatch):
     assert train(data, tmp_path / "a.pt", "--niter", "2") == 0
     assert "warning" not in capsys.readouterr().out  # a tiny model: the iteration takes seconds
-    monkeypatch.setattr(main, "SLOW_ITERATION_S", 0.0)
+    monkeypatch.setattr(train_log, "SLOW_ITERATION_S", 0.0)
     assert train(data, tmp_path / "b.pt", "--niter", "2") == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
@@ -100,7 +101,7 @@ def test_slow_cpu_run_warns_once_with_the_time_per_step(data, tmp_path, capsys, 
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(main, "PROGRESS_EVERY_S", 0.0)  # a line after every step
+    monkeypatch.setattr(train_log, "PROGRESS_EVERY_S", 0.0)  # a line after every step
     assert train(data, tmp_path / "a.pt", "--niter", "2") == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("progress:")]
     assert [re.match(r"progress: iteration (\d) step (\d)/3 \(step (\d) overall\), \d+ ms/step, "
@@ -109,7 +110,7 @@ def test_progress_lines_when_stdout_is_not_a_terminal(data, tmp_path, capsys, mo
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal has the progress bar instead
     assert train(data, tmp_path / "b.pt", "--niter", "1") == 0
     assert "progress:" not in capsys.readouterr().out
-    monkeypatch.setattr(main, "PROGRESS_EVERY_S", 60.0)
+    monkeypatch.setattr(train_log, "PROGRESS_EVERY_S", 60.0)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     assert train(data, tmp_path / "c.pt", "--niter", "1") == 0
     assert "progress:" not in capsys.readouterr().out  # less than a minute: none

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compile_model import compile_layers  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
-from trainer import AdagradWithGradClip  # noqa: E402
+from optim import AdagradWithGradClip  # noqa: E402
 
 B, M, STEPS = 2, 16, 100
 

@@ -183,7 +183,7 @@ def test_full_evaluation_on_two_ranks_sums_nll_and_counts(data, single, tmp_path
     shorter byte file (the same 256-byte vocabulary) to keep it fast."""
     from data import DataConfig, load_corpus
     from models import ModelConfig, TransformerSeq
-    from trainer import evaluate
+    from evaluation import evaluate
     from utils import DistInfo
     short = tmp_path / "short.txt"
     short.write_bytes(data.read_bytes()[:60_000])

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import main
-from checkpoint import load_checkpoint, load_model_state
+from build import build_model
+from checkpoint import load_checkpoint
+from settings import Settings
+from train_state import load_model_state
 from datagen import fixture_folder
 from models import ATTN_IMPLS
 
@@ -29,7 +32,7 @@ def fixture(reference_data):
 def build(folder, expected, data, *extra):
     parser = main.build_parser()
     args = parser.parse_args(expected["flags"].split() + ["--data", str(data)] + list(extra))
-    model, _, _ = main.build_model(args, len(expected["vocab_idx2word"]), "cpu")
+    model, _ = build_model(Settings.from_args(args), len(expected["vocab_idx2word"]), "cpu")
     load_model_state(model, load_checkpoint(folder / "checkpoint.pt"), folder / "checkpoint.pt")
     return model.eval()
 

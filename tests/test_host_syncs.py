@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptive_span import AdaptiveSpan, head_window, reference_span, trim_length  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
-from trainer import TrainConfig, Trainer, build_optimizer  # noqa: E402
+from config import TrainConfig  # noqa: E402
+from optim import build_optimizer  # noqa: E402
+from trainer import Trainer  # noqa: E402
 from utils import DistInfo  # noqa: E402
 
 

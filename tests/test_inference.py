@@ -23,6 +23,9 @@ from data import Vocab  # noqa: E402
 from inference import KVCache  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
 from trainer import TrainConfig  # noqa: E402
+from build import build_model  # noqa: E402
+from settings import Settings  # noqa: E402
+from train_state import load_model_state  # noqa: E402
 
 FIXTURES = ROOT / ".." / "shared" / "data" / "fixtures"
 
@@ -96,8 +99,8 @@ def test_fixture_checkpoints(name):
         pytest.skip(f"shared fixtures absent: {folder}")
     expected = json.loads((folder / "expected.json").read_text())
     args = entry.build_parser().parse_args(expected["flags"].split())
-    model, _, _ = entry.build_model(args, len(expected["vocab_idx2word"]), "cpu")
-    ckpt_io.load_model_state(model, ckpt_io.load_checkpoint(folder / "checkpoint.pt"), folder)
+    model, _ = build_model(Settings.from_args(args), len(expected["vocab_idx2word"]), "cpu")
+    load_model_state(model, ckpt_io.load_checkpoint(folder / "checkpoint.pt"), folder)
     ids = torch.tensor([expected["stream"]["token_ids"][:450]])  # (1, 450)
     check(model, ids, 300, args.block_sz, rtol=0)
 

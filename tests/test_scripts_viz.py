@@ -22,6 +22,7 @@ from data import Vocab  # noqa: E402
 from datagen import FIXTURES, fixture_folder  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
 from trainer import TrainConfig  # noqa: E402
+from train_state import load_model_state  # noqa: E402
 
 F4 = FIXTURES / "F4-text8-varied-spans"
 F4_CONFIG = dict(vocab_size=28, hidden_size=64, inner_hidden_size=256, nlayers=2, nheads=4, attn_span=256,
@@ -51,7 +52,7 @@ def f4():
     ckpt = ckpt_io.load_checkpoint(F4 / "checkpoint.pt")
     expected = json.loads((F4 / "expected.json").read_text())
     model = TransformerSeq(ModelConfig(**F4_CONFIG))
-    ckpt_io.load_model_state(model, ckpt, F4)
+    load_model_state(model, ckpt, F4)
     return ckpt, model.eval(), Vocab(expected["vocab_idx2word"], "chars"), expected
 
 

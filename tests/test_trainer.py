@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from models import ModelConfig, TransformerSeq
-from trainer import AdagradWithGradClip, TrainConfig, Trainer, evaluate, lr_at
+from config import TrainConfig
+from evaluation import evaluate
+from optim import AdagradWithGradClip, lr_at
+from trainer import Trainer
 from utils import DistInfo
 
 
