@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import checkpoint as ckpt_io
+import checkpoint_lock
 from compile_model import compile_layers
 import flops
 import plots  # matplotlib is imported lazily, only for the spans image
@@ -302,6 +303,7 @@ def run(argv=None) -> int:
     check_flag_ranges(args)  # each flag on its own, before any file is read
     dist = init_distributed(args.device)
     log = log_to(dist)
+    checkpoint_lock.hold_for_training(args.checkpoint, dist, training=not (args.full_eval_mode or args.dry_run))
     ckpt = None
     if args.checkpoint and not args.dry_run:
         ckpt = (ckpt_io.require_checkpoint(args.checkpoint, log) if args.full_eval_mode
@@ -394,6 +396,8 @@ def main(argv=None) -> int:
             print("interrupted: exited without writing a checkpoint (the last one written, if any, is "
                   "intact: rerunning the same command resumes from it)", file=sys.stderr, flush=True)
         return 130
+    finally:
+        checkpoint_lock.release_all()
 
 
 def report_error(line: str) -> bool:
