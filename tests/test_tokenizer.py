@@ -153,3 +153,21 @@ def test_an_unseen_token_leaves_no_partial_entry(tmp_path):
     with pytest.raises(data.ConfigError, match=r"valid\.txt: token '3'"):
         load_corpus(DataConfig(str(paths["train"].parent), cache_dir=str(cache)))
     assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_cache_memory_script_reports_the_build(tmp_path):
+    """scripts/cache_memory.py (the command docs/data.md quotes) on 1 MB of generated words:
+    it builds a cache of the plain token count and reports its figures (not asserted: measured)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, "scripts/cache_memory.py", "--generate", "words", "--mb", "1",
+                           "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["built"] and r["tokens"] > 100_000 and r["cache_mb"] == pytest.approx(r["tokens"] * 2 / 2**20)
+    assert {"build_peak_mb", "process_peak_mb", "rss_before_mb", "bound_mb"} <= set(r)
+    assert proc.stdout.startswith("token cache build (words): source 1 MB") and "build peak" in proc.stdout
