@@ -54,7 +54,7 @@ class IdSink:
         if self.file is not None:
             self.file.close()
 
-    def pieces(self, size: int = 1 << 22) -> Iterator[np.ndarray]:
+    def pieces(self, size: int = 1 << 20) -> Iterator[np.ndarray]:
         """The ids again, in order, at most ``size`` at a time."""
         if self.path is None:
             yield from self.parts
