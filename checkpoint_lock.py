@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from utils import ConfigError, all_gather_objects
+from utils import ConfigError, all_gather_objects, unwritable_reason
 
 HEARTBEAT_S = 30.0  # the holder refreshes the lock file's modification time this often
 STALE_S = 180.0  # a lock of another host whose file is older than this is stale (6 missed beats)
@@ -279,7 +279,7 @@ def hold_for_training(checkpoint: Optional[str], dist, training: bool = True) ->
     if not checkpoint or not training:
         return None
     lock, refusal = None, None
-    if dist.is_main:
+    if dist.is_main and not Path(checkpoint).is_dir() and not unwritable_reason(Path(checkpoint).parent):
         lock = CheckpointLock(checkpoint)
         try:
             holder = lock.acquire()
