@@ -19,8 +19,8 @@ from utils import ConfigError
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
-CHUNK_BYTES = 1 << 22  # pieces of 4 MB (bytes, vectorised path)
-CHUNK_CHARS = 1 << 21  # pieces of 2M characters (Python path)
+CHUNK_BYTES = 1 << 22  # pieces of 4 MB (vectorised path); build peak: python scripts/cache_memory.py --generate enwik8
+CHUNK_CHARS = 1 << 21  # pieces of 2M characters (Python path); python scripts/cache_memory.py --generate words
 WHITESPACE = b" \t\n\x0b\x0c"  # the bytes a piece may end after (vectorised path)
 
 
