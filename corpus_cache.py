@@ -6,8 +6,8 @@ its name and size). It is computed from the content once per process (sha256 rea
 about 0.6 GB/s on one core, so 0.16 s for 100 MB) and stored in checkpoints, so that
 a run cannot resume or be evaluated on other data without a word.
 
-The tokenised splits are cached as ``.npy`` arrays (memory mapped when read) and a
-``meta.json`` in ``CACHE_ROOT/<name>-<key>/``, where the key hashes the data's
+The tokenised splits are cached as ``.npy`` arrays (written piece by piece, memory
+mapped when read) and a ``meta.json`` in ``CACHE_ROOT/<name>-<key>/``, where the key hashes the data's
 resolved path, its fingerprint and the tokenisation settings: a file rewritten with
 the same size and time gets a new key. ``CACHE_ROOT`` is ``--cache-dir``, else
 ``$ADAPTIVE_SPAN_CACHE``, else ``$XDG_CACHE_HOME/adaptive-span``, else
@@ -18,8 +18,9 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -91,18 +92,53 @@ def load_cached(folder: Path, splits: Sequence[str]) -> Optional[Tuple[dict, Dic
     return meta, arrays
 
 
-def save_cached(folder: Path, meta: dict, arrays: Dict[str, np.ndarray]) -> bool:
-    """Write atomically (meta.json last marks the entry complete); False when not writable."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, array in arrays.items():
-            tmp = folder / f"{name}.tmp.npy"
-            np.save(tmp, array)
-            os.replace(tmp, folder / f"{name}.npy")
-        tmp = folder / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, folder / "meta.json")
-    except OSError:
-        return False
-    return True
+class Entry:
+    """A cache entry being written by this process: arrays streamed into files with names of
+    their own (several processes may build the same entry at once), renamed into place by
+    ``commit``, meta.json last, which marks the entry complete."""
 
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.arrays: List[str] = []
+
+    @classmethod
+    def open(cls, folder: Path) -> Optional["Entry"]:
+        """An entry in ``folder``, or None when the folder cannot be written."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            probe.touch()
+            probe.unlink()
+        except OSError:
+            return None
+        return cls(folder)
+
+    def temp(self, name: str) -> Path:
+        return self.folder / f"{name}.{self.tag}.tmp"
+
+    def write_array(self, name: str, dtype, n: int, pieces: Iterable[np.ndarray]) -> None:
+        """``name.npy``: a 1-d array of ``n`` values of ``dtype``, written piece by piece."""
+        dtype = np.dtype(dtype)
+        with open(self.temp(name + ".npy"), "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+            written = 0
+            for piece in pieces:
+                f.write(memoryview(np.ascontiguousarray(piece, dtype=dtype)).cast("B"))
+                written += len(piece)
+        if written != n:
+            raise RuntimeError(f"{name}: {written} values written, {n} announced")
+        self.arrays.append(name)
+
+    def commit(self, meta: dict) -> None:
+        for name in self.arrays:
+            os.replace(self.temp(name + ".npy"), self.folder / f"{name}.npy")
+        tmp = self.temp("meta.json")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.folder / "meta.json")
+
+    def discard(self) -> None:
+        """Remove what this entry left unfinished (its temporary files)."""
+        for path in self.folder.glob(f"*.{self.tag}.tmp"):
+            path.unlink(missing_ok=True)

@@ -8,26 +8,24 @@ Formats read by ``load_corpus``:
 - a WikiText folder ``DIR/wiki.{train,valid,test}.tokens``: the same rules;
 - any other file: raw bytes (vocabulary of 256), split 90/5/5 by default.
 
-The tokenised splits are cached in a cache folder keyed by the data's path and content
-(corpus_cache.py); ``Corpus.fingerprint`` is the data's size and sha256.
+The tokenised splits are written, streamed, into a cache folder keyed by the data's path
+and content (tokenizer.py, corpus_cache.py) and memory mapped from there;
+``Corpus.fingerprint`` is the data's size and sha256.
 """
 import random
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import corpus_cache
 from config import SPLIT, DataConfig  # noqa: F401  (DataConfig: importable from here)
+from tokenizer import EOS, SPLITS, IdSink, frequency_remap, sort_by_frequency, tokenize_into, tokenize_splits  # noqa: F401
 from utils import ConfigError
 
-EOS = "<eos>"
-SPLITS = ("train", "valid", "test")
-CHUNK_BYTES = 1 << 25  # tokenise in pieces of 32 MB
+COPY_BYTES = 1 << 22  # a plain file is copied into its cache in pieces of 4 MB
 
 
 @dataclass
@@ -77,149 +75,7 @@ class Corpus:
         return getattr(self, name)
 
 
-# ---- tokenising ----------------------------------------------------------------
-class _NotFast(Exception):
-    """The text needs Python's ``str.split`` (unicode, long tokens, odd whitespace)."""
-
-
-def _chunks(path: Path, size: int = CHUNK_BYTES):
-    """The file's bytes in pieces that end after a newline (the last piece may not)."""
-    total = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=total, unit="B", unit_scale=True, leave=False,
-                                     desc=f"tokenising {path.name}", disable=True if total < size else None) as bar:
-        rest = b""
-        while True:
-            block = f.read(size)
-            if not block:
-                break
-            bar.update(len(block))
-            block = rest + block
-            cut = block.rfind(b"\n") + 1
-            rest = block[cut:]
-            if cut:
-                yield block[:cut]
-        if rest:
-            yield rest + b"\n"  # the last line gets its <eos> too
-
-
-def _byte_classes() -> np.ndarray:
-    """0: whitespace, 1: token byte, 2: newline, 3: needs Python (unicode, CR, NUL, separators)."""
-    table = np.ones(256, dtype=np.uint8)
-    table[[32, 9, 11, 12]] = 0
-    table[10] = 2
-    table[[0, 13, 0x1C, 0x1D, 0x1E, 0x1F]] = 3
-    table[0x80:] = 3
-    return table
-
-
-_CLASSES = _byte_classes()
-
-
-def _chunk_keys(raw: bytes) -> np.ndarray:
-    """Keys of the tokens of whole lines: bytes packed little-endian, 0 for end of line."""
-    a = np.frombuffer(raw, dtype=np.uint8)
-    cls = _CLASSES[a]
-    if cls.max(initial=0) == 3:
-        raise _NotFast
-    is_tok = cls == 1
-    edges = np.diff(is_tok.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    lengths = np.flatnonzero(edges == -1) - starts
-    if lengths.size and lengths.max() > 3:
-        raise _NotFast
-    words = a[starts].astype(np.uint32)
-    for j in (1, 2):
-        longer = lengths > j
-        words[longer] |= a[starts[longer] + j].astype(np.uint32) << np.uint32(8 * j)
-    is_start = cls == 2
-    is_start[starts] = True
-    order = np.flatnonzero(is_start)  # every token start and every newline, in text order
-    keys = np.zeros(order.size, dtype=np.uint32)
-    keys[cls[order] == 1] = words
-    return keys
-
-
-def _word_of(key: int) -> str:
-    return EOS if key == 0 else key.to_bytes(4, "little").rstrip(b"\0").decode("ascii")
-
-
-class _KeyVocab:
-    """Ids of packed short tokens through a direct lookup table, in order of first appearance."""
-
-    def __init__(self):
-        self.table = np.full(1 << 24, -1, dtype=np.int32)
-        self.keys: List[int] = []
-
-    def ids(self, keys: np.ndarray, grow: bool, path: Path) -> np.ndarray:
-        ids = self.table[keys]
-        unseen = ids < 0
-        if unseen.any():
-            if not grow:
-                raise ConfigError(f"{path}: token {_word_of(int(keys[np.argmax(unseen)]))!r} does not occur "
-                                  "in the training split, so it has no id; the vocabulary comes from train")
-            first = np.full(self.table.size, keys.size, dtype=np.int64)
-            np.minimum.at(first, keys[unseen], np.flatnonzero(unseen))  # first index of each new key
-            new = np.flatnonzero(first < keys.size)
-            for key in new[np.argsort(first[new])].tolist():
-                self.table[key] = len(self.keys)
-                self.keys.append(key)
-            ids = self.table[keys]
-        return ids
-
-
-def _fast_ids(paths: Dict[str, Path]) -> Tuple[List[str], Dict[str, np.ndarray]]:
-    vocab = _KeyVocab()
-    ids = {}
-    for name in SPLITS:
-        parts = [vocab.ids(_chunk_keys(raw), name == "train", paths[name]) for raw in _chunks(paths[name])]
-        ids[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    return [_word_of(k) for k in vocab.keys], ids
-
-
-def _python_ids(path: Path, index: Dict[str, int], grow: bool) -> np.ndarray:
-    """``line.split() + ['<eos>']`` per line, with Python (for unicode or long tokens)."""
-    ids = array("i")
-    total = path.stat().st_size
-    with open(path, encoding="utf-8", errors="surrogateescape") as f, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenising {path.name}", leave=False,
-                 disable=True if total < CHUNK_BYTES else None) as bar:
-        for n, line in enumerate(f):
-            if n % 65536 == 0:
-                bar.n = f.buffer.tell() if hasattr(f, "buffer") else bar.n
-                bar.refresh()
-            words = line.split()
-            words.append(EOS)
-            if grow:
-                ids.extend([index.setdefault(w, len(index)) for w in words])
-                continue
-            try:
-                ids.extend([index[w] for w in words])
-            except KeyError as err:
-                raise ConfigError(f"{path}: token {err.args[0]!r} does not occur in the training split, "
-                                  "so it has no id; the vocabulary comes from train") from None
-    return np.frombuffer(ids, dtype=np.int32)
-
-
-def tokenize_splits(paths: Dict[str, Path]) -> Tuple[List[str], Dict[str, np.ndarray]]:
-    """Vocabulary in first-appearance order of train, and the ids of every split."""
-    try:
-        return _fast_ids(paths)
-    except _NotFast:
-        index: Dict[str, int] = {}
-        ids = {name: _python_ids(paths[name], index, grow=name == "train") for name in SPLITS}
-        return list(index), ids
-
-
-def sort_by_frequency(idx2word: List[str], ids: Dict[str, np.ndarray]):
-    """Most frequent first; equal counts in reverse order of first appearance (the reference's rule)."""
-    counts = np.bincount(ids["train"], minlength=len(idx2word))
-    order = np.argsort(counts, kind="stable")[::-1]  # new id -> old id
-    remap = np.empty_like(order)
-    remap[order] = np.arange(order.size)  # old id -> new id
-    remap = remap.astype(np.int32)
-    return [idx2word[i] for i in order], {name: remap[a] for name, a in ids.items()}
-
-
+# ---- tokenising (tokenizer.py) and caching ------------------------------------------
 def _style(idx2word: List[str]) -> str:
     if all(w == EOS or (w.isdigit() and int(w) < 256) for w in idx2word):
         return "enwik8"
@@ -228,7 +84,6 @@ def _style(idx2word: List[str]) -> str:
     return "words"
 
 
-# ---- locating and caching ------------------------------------------------------------
 def _sources(path: Path) -> Optional[Dict[str, Path]]:
     for pattern in ("{}.txt", "wiki.{}.tokens"):
         files = {name: path / pattern.format(name) for name in SPLITS}
@@ -255,25 +110,74 @@ def split_sizes(n: int, split: Sequence[float]) -> Tuple[int, int, int]:
     return n_train, n_valid, n - n_train - n_valid
 
 
-def _compact(ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    dtype = np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32
-    return np.ascontiguousarray(ids, dtype=dtype)
+def compact_dtype(vocab_size: int):
+    return np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32
 
 
-def _build(path: Path, cfg: DataConfig) -> Corpus:
+# split name -> (number of tokens, a function giving the tokens again piece by piece)
+Pieces = Dict[str, Tuple[int, Callable[[], Iterator[np.ndarray]]]]
+
+
+def _tokenised(files: Dict[str, Path], sort_by_freq: bool, entry) -> Tuple[Vocab, Pieces, list]:
+    """Tokenise a folder's splits into raw id files beside the entry (memory without one);
+    the vocabulary, the ids renumbered on the way out, and the sinks (to delete)."""
+    sinks = {name: IdSink(entry.temp(name + ".ids") if entry else None) for name in SPLITS}
+    idx2word = tokenize_into(files, sinks)
+    remap = None
+    if sort_by_freq:
+        remap = frequency_remap(sinks["train"].counts, len(idx2word))
+        idx2word = [idx2word[i] for i in np.argsort(remap)]
+    pieces = {name: (sink.n, lambda sink=sink: (p if remap is None else remap[p] for p in sink.pieces()))
+              for name, sink in sinks.items()}
+    return Vocab(idx2word, _style(idx2word)), pieces, list(sinks.values())
+
+
+def _file_pieces(path: Path, start: int, stop: int) -> Iterator[np.ndarray]:
+    """Bytes ``start:stop`` of the file, COPY_BYTES at a time."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while start < stop:
+            piece = np.frombuffer(f.read(min(COPY_BYTES, stop - start)), dtype=np.uint8)
+            start += piece.size
+            yield piece
+
+
+def _byte_splits(path: Path, split: Sequence[float]) -> Tuple[Vocab, Pieces]:
+    """A plain file's bytes, cut into train, valid and test by ``split``."""
+    sizes = split_sizes(path.stat().st_size, split)
+    bounds = np.cumsum((0,) + sizes).tolist()
+    pieces = {name: (n, lambda a=a, b=b: _file_pieces(path, a, b))
+              for name, n, a, b in zip(SPLITS, sizes, bounds, bounds[1:])}
+    return Vocab([str(b) for b in range(256)], "bytes"), pieces
+
+
+def _build(path: Path, cfg: DataConfig, folder: Path) -> Corpus:
+    """Tokenise into the cache entry ``folder``, streamed: the working memory is a few
+    pieces, never a whole file or split; the arrays are then memory mapped from the entry.
+    Where the folder cannot be written, the corpus is built in memory instead."""
+    entry = corpus_cache.Entry.open(folder)
     files = _sources(path) if path.is_dir() else None
-    if files is not None:
-        idx2word, ids = tokenize_splits(files)
-        if cfg.sort_by_freq:
-            idx2word, ids = sort_by_frequency(idx2word, ids)
-        style = _style(idx2word)
-    else:
-        data = np.fromfile(path, dtype=np.uint8)
-        n_train, n_valid, _ = split_sizes(len(data), cfg.split)
-        ids = dict(zip(SPLITS, np.split(data, [n_train, n_train + n_valid])))
-        idx2word, style = [str(b) for b in range(256)], "bytes"
-    arrays = {name: _compact(a, len(idx2word)) for name, a in ids.items()}
-    return Corpus(Vocab(idx2word, style), **arrays)
+    sinks = []
+    try:
+        if files is not None:
+            vocab, pieces, sinks = _tokenised(files, cfg.sort_by_freq, entry)
+        else:
+            vocab, pieces = _byte_splits(path, cfg.split)
+        dtype = compact_dtype(len(vocab))
+        if entry is None:
+            arrays = {name: np.concatenate([np.asarray(p, dtype=dtype) for p in make()] or [np.zeros(0, dtype)])
+                      for name, (n, make) in pieces.items()}
+            return Corpus(vocab, **arrays)
+        for name, (n, make) in pieces.items():
+            entry.write_array(name, dtype, n, make())
+        entry.commit({"vocab": vocab.idx2word, "style": vocab.style, "source": str(path.resolve())})
+    finally:
+        for sink in sinks:
+            sink.close()
+        if entry is not None:
+            entry.discard()
+    meta, arrays = corpus_cache.load_cached(folder, SPLITS)
+    return Corpus(vocab, **arrays)
 
 
 def check_data_path(cfg: DataConfig) -> Path:
@@ -305,10 +209,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         meta, arrays = cached
         corpus = Corpus(Vocab(meta["vocab"], meta["style"]), **arrays)
     else:
-        corpus = _build(path, cfg)
-        meta = {"vocab": corpus.vocab.idx2word, "style": corpus.vocab.style, "source": str(path.resolve())}
-        corpus_cache.save_cached(folder, meta, {name: corpus.split(name) for name in SPLITS})
-        # an unwritable cache folder is no error: the corpus is used from memory
+        corpus = _build(path, cfg, folder)
     corpus.fingerprint = fp
     if min(len(corpus.split(name)) for name in SPLITS) < 2:
         raise ConfigError(f"--data {cfg.path}: a split has fewer than 2 tokens")

@@ -42,6 +42,7 @@ def read_checkpoint(s: Settings, explicit: set, log) -> Optional[dict]:
 def run(s: Settings, explicit: set) -> int:
     # imported once the command line is parsed
     import checkpoint as ckpt_io
+    import checkpoint_lock
     from build import build_model, dry_run, load_data, use_threads
     from checks import check_batch, check_flags, check_outputs, check_same_data, check_vocab
     from compile_model import compile_layers
@@ -55,6 +56,8 @@ def run(s: Settings, explicit: set) -> int:
     dist = init_distributed(s.run.device)
     use_threads(s.run.threads)
     log = log_to(dist)
+    checkpoint_lock.hold_for_training(s.run.checkpoint, dist,
+                                      training=not (s.run.full_eval_mode or s.run.dry_run))
     ckpt = read_checkpoint(s, explicit, log)
     check_flags(s)
     if s.run.dry_run:
@@ -122,6 +125,10 @@ def guarded_run(settings: Settings, explicit: set) -> int:
             print("interrupted: exited without writing a checkpoint (the last one written, if any, is "
                   "intact: rerunning the same command resumes from it)", file=sys.stderr, flush=True)
         return 130
+    finally:
+        lock = sys.modules.get("checkpoint_lock")  # imported by run() once the flags were read
+        if lock is not None:
+            lock.release_all()
 
 
 def report_error(line: str) -> bool:

@@ -35,6 +35,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +47,8 @@ import flops  # noqa: E402
 from adaptive_span import AdaptiveSpan  # noqa: E402
 from attention import plan_groups  # noqa: E402
 from compile_model import compile_layers  # noqa: E402
-from measure import matmul_seconds, peak_memory_mb, time_interleaved, time_interleaved_cpu  # noqa: E402
+from measure import (matmul_seconds, peak_memory_mb, process_peak_rss_bytes, time_interleaved,  # noqa: E402
+                     time_interleaved_cpu)
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
 from optim import AdagradWithGradClip  # noqa: E402
 
@@ -234,11 +236,25 @@ def compile_worker(spec: dict) -> dict:
     return {"compile_s": first, "graphs": compiled.counter.graphs, **times}
 
 
+USER_STEPS = 5  # steps of the whole-process ("as a user's run sees it") memory figure
+
+
+def process_peak_worker(spec: dict) -> dict:
+    """A user's run of one path's step: this fresh process, the default allocator (no
+    settings), USER_STEPS steps; the whole process's peak resident size (imports included)."""
+    step = make_step(spec, spec["impl"])
+    for _ in range(USER_STEPS):
+        step()
+    return {"process_peak_mb": process_peak_rss_bytes() / 2**20}
+
+
 def run_worker(spec: dict) -> dict:
-    """mode "time": both paths, interleaved; mode "mem": one path's peak memory;
-    mode "efficiency": efficiency_worker."""
+    """mode "time": both paths, interleaved; mode "mem": one path's peak memory; mode "rss":
+    process_peak_worker; mode "efficiency": efficiency_worker."""
     torch.set_num_threads(spec["threads"])
     try:
+        if spec["mode"] == "rss":
+            return process_peak_worker(spec)
         if spec["mode"] in ("efficiency", "compile"):
             return (efficiency_worker if spec["mode"] == "efficiency" else compile_worker)(spec)
         if spec["mode"] == "mem":
@@ -396,11 +412,16 @@ def efficiency_section(args, repeats: int) -> dict:
     row = dict(spawn(dict(spec, mode="efficiency")), spans=spans)
     for impl in IMPLS:
         row[impl]["peak_mb"] = spawn(dict(spec, mode="mem", impl=impl))["peak_mb"]
+        row[impl]["process_peak_mb"] = spawn(dict(spec, mode="rss", impl=impl))["process_peak_mb"]
     print(f"fp32 matmul rate (512^3, same run): {row['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    print("      path |  ms/step |  GFLOP/step | efficiency | step peak | whole-process peak")
     for impl in IMPLS:
         r = row[impl]
         print(f"{impl:>10} | {r['seconds'] * 1e3:8.1f} ms | {r['flops'] / 1e9:6.2f} GFLOP | "
-              f"efficiency {r['efficiency']:.2f} | {r['peak_mb']:6.0f} MB", flush=True)
+              f"efficiency {r['efficiency']:.2f} | {r['peak_mb']:6.0f} MB | {r['process_peak_mb']:6.0f} MB",
+              flush=True)
+    print(f"  step peak: growth over one step after a warm-up, freed memory returned at once; whole-process "
+          f"peak: a fresh process's ru_maxrss after {USER_STEPS} steps, default allocator (as a user's run)")
     row["speedup"] = row["reference"]["seconds"] / row["grouped"]["seconds"]
     print(f"default/reference speed {row['speedup']:.2f}x")
     if args.compile:
@@ -409,6 +430,20 @@ def efficiency_section(args, repeats: int) -> dict:
               f"({c['graphs']} graphs), then {c['compiled'] * 1e3:.1f} ms/step against "
               f"{c['eager'] * 1e3:.1f} eager ({c['eager'] / c['compiled']:.2f}x)", flush=True)
     return row
+
+
+def cache_build_section(args) -> dict:
+    """The token-cache build's peak, apart from training: scripts/cache_memory.py on a
+    generated enwik8-format corpus of --cache-mb MB (a fresh process, default allocator)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "cache.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("cache_memory.py")), "--generate",
+                               "enwik8", "--mb", str(args.cache_mb), "--json", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scripts/cache_memory.py failed:\n{proc.stderr[-3000:]}")
+        print(proc.stdout.strip(), flush=True)
+        return json.loads(out.read_text())
 
 
 def parse_args(argv=None):
@@ -425,6 +460,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-model", action="store_true", help="skip the medium-model training step")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on a CPU)")
     p.add_argument("--json", default="", help="also write the figures to this file")
+    p.add_argument("--cache-mb", type=float, default=16.0,
+                   help="MB of generated enwik8 text whose token-cache build is measured (0: skip; "
+                        "scripts/cache_memory.py --mb 100 for enwik8's size)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--generation", action="store_true",
                    help="also time sampling from the enwik8-size model (KV cache vs recompute); on in --quick")
@@ -459,6 +497,9 @@ def main(argv=None):
     if args.device == "cuda" and args.config == "enwik8":
         print("\n## enwik8 model training step (12 layers, H=512, K=8, L=8192, M=512, B=8, bf16)")
         report["enwik8"] = enwik8_section(args, repeats)
+    if args.cache_mb > 0:
+        print("\n## token-cache build (the first run on a dataset, before training), enwik8 format")
+        report["cache_build"] = cache_build_section(args)
     if args.generation or args.quick:
         report["generation"] = generation_section(args)
     if args.json:

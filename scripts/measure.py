@@ -6,6 +6,7 @@ machine load). Peak memory: on CPU the growth of the kernel's peak resident set 
 on CUDA torch.cuda.max_memory_allocated over the allocated memory before the step.
 """
 import ctypes
+import resource
 import statistics
 import time
 
@@ -20,10 +21,13 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak resident set size (VmHWM) to the current one; return it in bytes."""
-    try:  # hand freed heap memory back first, so that the baseline holds live memory only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def reset_peak_rss(trim: bool = True) -> int:
+    """Reset the kernel's peak resident set size (VmHWM) to the current one; return it in bytes.
+    ``trim``: hand freed heap memory back first (malloc_trim), so that the baseline holds live
+    memory only; without it the allocator is left as a user's run has it."""
+    try:
+        if trim:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
     with open("/proc/self/clear_refs", "w") as f:
@@ -33,6 +37,11 @@ def reset_peak_rss() -> int:
 
 def peak_rss_bytes() -> int:
     return _proc_status_kib("VmHWM") * 1024
+
+
+def process_peak_rss_bytes() -> int:
+    """The whole process's peak resident set size since it started (imports included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _sync(device: str) -> None:

@@ -13,7 +13,9 @@ Each run is one `python main.py ... --checkpoint OUT/runs/NAME/model.pt` subproc
 the gpu preset), then `main.py --full-eval-mode` on the whole dev and test sets (the default
 protocol, batch 8). Each process gets OMP_NUM_THREADS=1 on CPU, so --jobs J uses J cores.
 
-Writes OUT/results.json (one record per run), OUT/fig_*.png (matplotlib; skipped with a message
+Before the runs, the token cache of --data is built in a process of its own (scripts/cache_memory.py),
+so that each run's peak memory is its training alone; the build's figures go to OUT/cache_build.json
+and the report. Writes OUT/results.json (one record per run), OUT/fig_*.png (matplotlib; skipped with a message
 when it is missing), OUT/report.md, and per run OUT/runs/NAME/{model.pt, model.logs/, train.log,
 eval.log, record.json}. A run with a record.json is skipped; an interrupted run resumes from its
 checkpoint (main.py resumes when the checkpoint exists). One progress line per finished run.
@@ -275,6 +277,40 @@ def execute(run: Run, preset: Preset, data: Path, out: Path) -> Optional[dict]:
     return record
 
 
+def build_token_cache(data: Path, out: Path) -> None:
+    """Tokenise the data into the cache the runs read, in a process of its own before any run
+    (scripts/cache_memory.py --default-cache), so that every run's peak memory is its training
+    alone and the build's peak is reported apart. OUT/cache_build.json keeps the figures of
+    the build (a later study that finds the cache built leaves the file as it is)."""
+    record = out / "cache_build.json"
+    tmp = out / "cache_build.json.tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_memory.py"), "--data", str(data),
+                           "--default-cache", "--json", str(tmp)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the token cache failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(tmp.read_text())
+    if result["built"] or not record.exists():
+        os.replace(tmp, record)
+        print(proc.stdout.strip(), flush=True)
+    tmp.unlink(missing_ok=True)
+
+
+def cache_note(out: Path) -> str:
+    """The token-cache build's figures for the report (OUT/cache_build.json), or ''."""
+    path = out / "cache_build.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    if not r["built"]:
+        return " The token cache existed before this study (its build was not measured)."
+    return (f" The token cache was built before the runs, in a process of its own: {r['cache_mb']:.0f} MB "
+            f"in {r['seconds']:.0f} s, peak resident size {r['build_peak_mb']:.0f} MB over the "
+            f"{r['rss_before_mb']:.0f} MB of the process before it (whole process {r['process_peak_mb']:.0f} MB); "
+            "each run's peak memory (peak_mem_mb, the whole training process's ru_maxrss) is training alone.")
+
+
 # ---- the grid -----------------------------------------------------------------------
 def load_record(run: Run, out: Path) -> Optional[dict]:
     """The finished run's record, or None; a folder made with other flags is an error."""
@@ -376,6 +412,7 @@ def main(argv=None) -> int:
         if args.report_only:
             records = {run.name: load_record(run, out) for run in runs}
         else:
+            build_token_cache(data, out)
             records = run_grid(runs, preset, data, out, args.jobs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -385,7 +422,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps([r["result"] for r in finished], indent=1) + "\n")
     os.replace(tmp, out / "results.json")
     note = preset.note + (f" This study was capped at {args.max_steps} steps (--max-steps)."
-                          if args.max_steps else "")
+                          if args.max_steps else "") + cache_note(out)
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     study_report.write(finished, out, args.preset, note, "python scripts/study.py " + " ".join(argv), len(runs))
     print(f"wrote {out / 'results.json'} and {out / 'report.md'} ({len(finished)} of {len(runs)} runs)")

@@ -237,7 +237,8 @@ def write(records: List[dict], out: Path, preset: str, note: str, command: str, 
              "dev/test bpc: `main.py --full-eval-mode --batch-sz 8` on the whole dev and test sets (every "
              "token scored). FLOPs: forward, per token, as flops.py counts them with the spans at the end of "
              "training. tokens/s: median over the logged iterations of training. peak MB: the largest resident "
-             "memory of the training process (host memory). span avg / max: ramp included; a fixed span shows L. "
+             "memory of the whole training process (host memory, ru_maxrss, default allocator; the token "
+             "cache is built before the runs, in a process of its own). span avg / max: ramp included; a fixed span shows L. "
              "tokens/s and wall seconds depend on the load of the machine (it may have been shared); the CPU "
              "seconds, summed over the processes of a run, do not.",
              "", table(records), "", usage_text(records), ""]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import tokenizer
 from data import (EOS, DataConfig, Stream, Vocab, batchify, eval_rows, load_corpus, sort_by_frequency,
                   tokenize_splits)
 from datagen import fixture_folder
@@ -64,7 +65,9 @@ def test_fixture_vocabulary_is_the_references(fixture):
     np.testing.assert_array_equal(ids["test"][: len(stream)], stream)
     # the vectorised path agrees with Python's split on the whole file
     index = {w: i for i, w in enumerate(vocab)}
-    np.testing.assert_array_equal(ids["valid"], data._python_ids(paths["valid"], index, grow=False))
+    sink = tokenizer.IdSink()
+    tokenizer.python_ids(paths["valid"], index, False, sink)
+    np.testing.assert_array_equal(ids["valid"], np.concatenate(list(sink.pieces())))
 
 
 def test_unseen_token_is_a_clear_error(tmp_path):
