@@ -76,6 +76,9 @@ def make(args) -> None:
     data = read_source(args.source)
     splits, runs = planted.plant_splits(data, args.test_size, cfg)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial-", dir=args.out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
     try:
         planted.write_folder(splits, runs, tmp, planted.marker_info(args.source, data, args.test_size, cfg))
         if args.out.exists():
