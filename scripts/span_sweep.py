@@ -117,6 +117,14 @@ def reach_fraction(span: int, cfg: dict) -> float:
     return min(1.0, max(0.0, math.log(max(span, lo) / lo) / math.log((hi + 1) / lo)))
 
 
+def band_bpc(sc: dict, lo: int, hi: int) -> float:
+    """bpc over the copied octaves [lo, hi) of a score (token-weighted)."""
+    parts = [v for k, v in sc.items() if k.startswith("copied_") and k[7:].split("-")[0].isdigit()
+             and lo <= int(k[7:].split("-")[0]) < hi]
+    tokens = sum(v["tokens"] for v in parts)
+    return sum(v["bpc"] * v["tokens"] for v in parts) / tokens if tokens else math.nan
+
+
 def row(name: str, args, plant_cfg: dict) -> dict:
     records = [json.loads(line) for line in (args.out / name / "spans.jsonl").read_text().splitlines()]
     by_step = {r["step"]: sorted(s for layer in r["head_spans"] for s in layer) for r in records}
@@ -130,19 +138,23 @@ def row(name: str, args, plant_cfg: dict) -> dict:
             "final_spans": last["head_spans"], "heads_ge_512": sum(s >= 512 for s in spans),
             "heads_ge_2048": sum(s >= 2048 for s in spans), "reach": reach_fraction(spans[-1], plant_cfg),
             "ms_per_step": statistics.median(ms) if ms else None,
-            "bpc_ordinary": sc["ordinary"]["bpc"], "bpc_copied": sc["copied"]["bpc"], "score": sc}
+            "bpc_ordinary": sc["ordinary"]["bpc"], "bpc_copied": sc["copied"]["bpc"],
+            "bpc_copied_64_255": band_bpc(sc, 64, 256), "bpc_copied_1024_4096": band_bpc(sc, 1024, 4097),
+            "score": sc}
 
 
 def print_table(rows: list, steps: list) -> None:
     head = (["run", "init", "ramp", "loss"] + [f"max@{s}" for s in steps] +
-            ["median", ">=512", ">=2048", "reach", "ms/step", "bpc ord", "bpc copy"])
+            ["median", ">=512", ">=2048", "reach", "ms/step", "bpc ord", "bpc copy", "copy 64-255",
+             "copy 1024-4096"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         cells = [r["run"], f"{r['init']:g}", str(r["ramp"]), f"{r['loss']:g}"]
         cells += [str(r["longest_by_step"].get(s, "")) for s in steps]
         cells += [f"{r['median_by_step'][steps[-1]]:g}", f"{r['heads_ge_512']}/16", f"{r['heads_ge_2048']}/16",
-                  f"{r['reach']:.0%}", f"{r['ms_per_step']:.0f}", f"{r['bpc_ordinary']:.3f}", f"{r['bpc_copied']:.3f}"]
+                  f"{r['reach']:.0%}", f"{r['ms_per_step']:.0f}", f"{r['bpc_ordinary']:.3f}", f"{r['bpc_copied']:.3f}",
+                  f"{r['bpc_copied_64_255']:.3f}", f"{r['bpc_copied_1024_4096']:.3f}"]
         print("| " + " | ".join(cells) + " |")
 
 
