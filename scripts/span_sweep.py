@@ -37,25 +37,27 @@ from models import ModelConfig, TransformerSeq  # noqa: E402
 MAX_SPAN = 4096
 MODEL = ["--nlayers", "4", "--hid-sz", "64", "--inner-hid-sz", "256", "--nheads", "4",
          "--attn-span", str(MAX_SPAN), "--block-sz", "64", "--batch-sz", "8", "--dropout", "0"]
-TRAIN = ["--optim", "adagrad", "--lr", "0.07", "--momentum", "0", "--grad-clip", "0.03",
-         "--lr-warmup", "30", "--seed", "1"]
-# name: (--adapt-span-init, --adapt-span-ramp, --adapt-span-loss); cheapest first
+TRAIN = ["--optim", "adagrad", "--lr", "0.07", "--momentum", "0", "--grad-clip", "0.03", "--lr-warmup", "30"]
+# name: (--adapt-span-init, --adapt-span-ramp, --adapt-span-loss, iterations (0: --iters), --seed)
 RUNS = {
-    "init0": (0.0, 32, 0.0),
-    "init0-loss": (0.0, 32, 2e-6),
-    "init0-ramp256": (0.0, 256, 0.0),
-    "init0.25": (0.25, 32, 0.0),
-    "init0.5": (0.5, 32, 0.0),
-    "init0.5-loss": (0.5, 32, 2e-6),
-    "init1": (1.0, 32, 0.0),
-    "init1-loss": (1.0, 32, 2e-6),
+    "init0": (0.0, 32, 0.0, 0, 1),
+    "init0-loss": (0.0, 32, 2e-6, 0, 1),
+    "init0-ramp256": (0.0, 256, 0.0, 0, 1),
+    "init0.25": (0.25, 32, 0.0, 0, 1),
+    "init0.5": (0.5, 32, 0.0, 0, 1),
+    "init0.5-loss": (0.5, 32, 2e-6, 0, 1),
+    "init1": (1.0, 32, 0.0, 0, 1),
+    "init1-loss": (1.0, 32, 2e-6, 0, 1),
+    "init0-1000": (0.0, 32, 0.0, 20, 1),  # the short start, trained longer
+    "init0-s2": (0.0, 32, 0.0, 0, 2),  # second seeds
+    "init0.5-s2": (0.5, 32, 0.0, 0, 2),
 }
 
 
 def run_flags(name: str) -> list:
-    init, ramp, loss = RUNS[name]
-    return MODEL + TRAIN + ["--adapt-span", "--adapt-span-cache", "--adapt-span-init", str(init),
-                            "--adapt-span-ramp", str(ramp), "--adapt-span-loss", str(loss)]
+    init, ramp, loss, _, seed = RUNS[name]
+    return MODEL + TRAIN + ["--seed", str(seed), "--adapt-span", "--adapt-span-cache", "--adapt-span-init",
+                            str(init), "--adapt-span-ramp", str(ramp), "--adapt-span-loss", str(loss)]
 
 
 def head_spans(ckpt_path: Path) -> list:
@@ -66,7 +68,7 @@ def head_spans(ckpt_path: Path) -> list:
 
 
 def initial_spans(name: str) -> list:
-    init, ramp, _ = RUNS[name]
+    init, ramp = RUNS[name][:2]
     model = TransformerSeq(ModelConfig(vocab_size=8, hidden_size=64, inner_hidden_size=256, nlayers=4, nheads=4,
                                        attn_span=MAX_SPAN, adapt_span=True, adapt_span_init=init,
                                        adapt_span_ramp=ramp))
@@ -81,7 +83,7 @@ def train(name: str, args) -> None:
     if done == 0:
         log_path.write_text(json.dumps({"step": 0, "head_spans": initial_spans(name), "ms": None}) + "\n")
         done = 1
-    for it in range(done, args.iters + 1):  # iteration it-1 runs; then its spans are read
+    for it in range(done, (RUNS[name][3] or args.iters) + 1):  # iteration it-1 runs; then its spans are read
         cmd = [sys.executable, str(ROOT / "main.py"), "--data", str(args.data), "--cache-dir", str(args.out / "cache"),
                "--checkpoint", str(folder / "model.pt"), "--nbatches", str(args.nbatches), "--niter", str(it),
                *run_flags(name)]
@@ -133,6 +135,7 @@ def row(name: str, args, plant_cfg: dict) -> dict:
     ms = [r["ms"] for r in records if r["ms"] is not None]
     sc = json.loads((args.out / name / "score.json").read_text())
     return {"run": name, "init": RUNS[name][0], "ramp": RUNS[name][1], "loss": RUNS[name][2],
+            "seed": RUNS[name][4], "steps": last["step"],
             "longest_by_step": {s: v[-1] for s, v in by_step.items()},
             "median_by_step": {s: statistics.median(v) for s, v in by_step.items()},
             "final_spans": last["head_spans"], "heads_ge_512": sum(s >= 512 for s in spans),
@@ -144,15 +147,15 @@ def row(name: str, args, plant_cfg: dict) -> dict:
 
 
 def print_table(rows: list, steps: list) -> None:
-    head = (["run", "init", "ramp", "loss"] + [f"max@{s}" for s in steps] +
-            ["median", ">=512", ">=2048", "reach", "ms/step", "bpc ord", "bpc copy", "copy 64-255",
+    head = (["run", "init", "ramp", "loss", "seed", "steps"] + [f"max@{s}" for s in steps] + ["max@end"] +
+            ["median@end", ">=512", ">=2048", "reach", "ms/step", "bpc ord", "bpc copy", "copy 64-255",
              "copy 1024-4096"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        cells = [r["run"], f"{r['init']:g}", str(r["ramp"]), f"{r['loss']:g}"]
+        cells = [r["run"], f"{r['init']:g}", str(r["ramp"]), f"{r['loss']:g}", str(r["seed"]), str(r["steps"])]
         cells += [str(r["longest_by_step"].get(s, "")) for s in steps]
-        cells += [f"{r['median_by_step'][steps[-1]]:g}", f"{r['heads_ge_512']}/16", f"{r['heads_ge_2048']}/16",
+        cells += [str(r["longest_by_step"][r["steps"]]), f"{r['median_by_step'][r['steps']]:g}", f"{r['heads_ge_512']}/16", f"{r['heads_ge_2048']}/16",
                   f"{r['reach']:.0%}", f"{r['ms_per_step']:.0f}", f"{r['bpc_ordinary']:.3f}", f"{r['bpc_copied']:.3f}",
                   f"{r['bpc_copied_64_255']:.3f}", f"{r['bpc_copied_1024_4096']:.3f}"]
         print("| " + " | ".join(cells) + " |")
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     for name in args.runs:
         score(name, args, ids, dist)
         rows.append(row(name, args, plant_cfg))
-    steps = [s for s in sorted(rows[0]["longest_by_step"]) if s % (2 * args.nbatches) == 0 or s == 0]
+    steps = [s for s in sorted(rows[0]["longest_by_step"]) if s % 100 == 0 and s <= args.iters * args.nbatches]
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     print_table(rows, steps)
     return 0
