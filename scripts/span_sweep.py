@@ -41,16 +41,14 @@ TRAIN = ["--optim", "adagrad", "--lr", "0.07", "--momentum", "0", "--grad-clip",
 # name: (--adapt-span-init, --adapt-span-ramp, --adapt-span-loss, iterations (0: --iters), --seed)
 RUNS = {
     "init0": (0.0, 32, 0.0, 0, 1),
+    "init0-s2": (0.0, 32, 0.0, 0, 2),  # a second seed
+    "init0-1000": (0.0, 32, 0.0, 20, 1),  # the short start, trained longer
     "init0-loss": (0.0, 32, 2e-6, 0, 1),
     "init0-ramp256": (0.0, 256, 0.0, 0, 1),
     "init0.25": (0.25, 32, 0.0, 0, 1),
     "init0.5": (0.5, 32, 0.0, 0, 1),
     "init0.5-loss": (0.5, 32, 2e-6, 0, 1),
-    "init1": (1.0, 32, 0.0, 0, 1),
     "init1-loss": (1.0, 32, 2e-6, 0, 1),
-    "init0-1000": (0.0, 32, 0.0, 20, 1),  # the short start, trained longer
-    "init0-s2": (0.0, 32, 0.0, 0, 2),  # second seeds
-    "init0.5-s2": (0.5, 32, 0.0, 0, 2),
 }
 
 
@@ -138,6 +136,7 @@ def row(name: str, args, plant_cfg: dict) -> dict:
             "seed": RUNS[name][4], "steps": last["step"],
             "longest_by_step": {s: v[-1] for s, v in by_step.items()},
             "median_by_step": {s: statistics.median(v) for s, v in by_step.items()},
+            "head_spans_by_step": {r["step"]: r["head_spans"] for r in records},
             "final_spans": last["head_spans"], "heads_ge_512": sum(s >= 512 for s in spans),
             "heads_ge_2048": sum(s >= 2048 for s in spans), "reach": reach_fraction(spans[-1], plant_cfg),
             "ms_per_step": statistics.median(ms) if ms else None,
