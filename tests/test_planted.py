@@ -200,3 +200,14 @@ def test_score_copies_script_groups_the_whole_set_evaluation(corpus, tmp_path, c
     assert score_copies.main(["--checkpoint", str(ckpt), "--data", str(other)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the data" in err[0] and str(other) in err[0]
+
+
+def test_the_sweeps_reach_is_the_share_of_drawn_distances_within_a_span():
+    import span_sweep
+    cfg = planted.PlantConfig(min_distance=64, max_distance=4096)
+    rng = random.Random(0)
+    drawn = np.array([planted.draw_distance(rng, cfg) for _ in range(40_000)])
+    for span in (32, 64, 300, 1000, 4096, 9000):
+        expected = (drawn <= span).mean()
+        assert span_sweep.reach_fraction(span, {"min_distance": 64, "max_distance": 4096}) == \
+            pytest.approx(expected, abs=0.01)
