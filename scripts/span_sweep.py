@@ -33,6 +33,7 @@ import copy_score  # noqa: E402
 import planted  # noqa: E402
 from data import DataConfig, load_corpus  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 MAX_SPAN = 4096
 MODEL = ["--nlayers", "4", "--hid-sz", "64", "--inner-hid-sz", "256", "--nheads", "4",
@@ -172,13 +173,17 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=64, help="block length of the scoring (the training's)")
     p.add_argument("--train-only", action="store_true", help="train, do not score or print the table")
     args = p.parse_args(argv)
+    try:
+        side = planted.read_side_file(args.data)
+    except ConfigError as err:
+        print(f"span_sweep.py: error: --data {args.data}: {err}", file=sys.stderr)
+        return 1
     plant_cfg = json.loads((args.data / ".prepared.json").read_text())["plant"]
     torch.set_num_threads(1)
     for name in args.runs:
         train(name, args)
     if args.train_only:
         return 0
-    side = planted.read_side_file(args.data)
     ids = load_corpus(DataConfig(str(args.data), cache_dir=str(args.out / "cache"))).valid[:args.score_tokens]
     dist = planted.copy_distances(side["valid"], side["tokens"]["valid"] + 1)[:args.score_tokens]
     rows = []
