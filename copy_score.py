@@ -2,7 +2,7 @@
 
 Dimension legend: B rows (streams), M block length, T tokens of the split.
 
-``token_nll`` runs a model over a split as the whole-set evaluation does (trainer.evaluate
+``token_nll`` runs a model over a split as the whole-set evaluation does (evaluation.evaluate
 without --reference-eval: ``batch_size`` contiguous rows from ``data.eval_rows``, each a
 stream from an empty cache, blocks of ``block`` with the cache carried) and returns every
 target's NLL at its position in the split. ``score`` splits those by the side file

@@ -16,7 +16,7 @@ import planted
 from data import DataConfig, load_corpus
 from datagen import english, reference_enwik8, write_zip
 from models import ModelConfig, TransformerSeq
-from trainer import evaluate
+from evaluation import evaluate
 from utils import ConfigError, DistInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
