@@ -93,12 +93,14 @@ def attention_weights(logits: torch.Tensor, head_dim: int, span_mask: Optional[t
     None (``PersistentMemory.read`` applies their dropout)."""
     if unseen is not None:
         logits = logits.masked_fill(unseen, torch.finfo(logits.dtype).min)  # (…, W)
+    in_place = not (torch.is_grad_enabled() and logits.requires_grad)  # no graph to keep intact
     if pers_logits is None:
         probs = F.softmax(logits / math.sqrt(head_dim), dim=-1)  # (…, W)
         if span_mask is not None:
-            probs = probs * span_mask  # (…, W)
-            probs = probs / (probs.sum(-1, keepdim=True) + 1e-8)  # (…, W)
-        return F.dropout(probs, dropout, training), None
+            probs = probs.mul_(span_mask) if in_place else probs * span_mask  # (…, W)
+            total = probs.sum(-1, keepdim=True) + 1e-8  # (…, 1)
+            probs = probs.div_(total) if in_place else probs / total  # (…, W)
+        return F.dropout(probs, dropout, training) if training else probs, None
     probs, pers_probs = joint_softmax(logits, pers_logits, head_dim)  # (…, W), (…, N)
     if span_mask is not None:
         probs = probs * span_mask  # (…, W)

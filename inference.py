@@ -85,9 +85,11 @@ class LayerKV:
     def __init__(self, owner: "KVCache", layer: TransformerSeqLayer, shared_pe: dict):
         model = owner.model
         self.owner, self.layer = owner, layer
+        self.pers = layer.attn.attn.persistent_memory
         groups, order = group_heads(layer_windows(model, layer))
         device = model.key_pe.device
         self.order = torch.tensor(order, device=device)  # (K,) group order
+        self.permuted = order != sorted(order)
         self.inverse = None if order == sorted(order) else torch.tensor(
             sorted(range(len(order)), key=order.__getitem__), device=device)  # (K,)
         self.groups, start = [], 0
@@ -99,6 +101,12 @@ class LayerKV:
             mask = torch.cat([mask, mask], -1) if mask is not None else None  # (G, 1, 2W)
             self.groups.append(WindowGroup(start, stop, window, heads, _doubled_pe(model, window, shared_pe), mask))
             start = stop
+        attn = layer.attn
+        # the layer's projection weights, transposed for row-vector products (x @ w): one
+        # product gives a position's query, key and value
+        self.w_qkv = torch.cat([attn.proj_query.weight, attn.proj_key.weight,
+                                attn.proj_val.weight]).t().contiguous()  # (H, 3H)
+        self.w_out = attn.proj_out.weight.t().contiguous()  # (H, H)
         self.keys = self.values = None  # (D, S), (S, D)
         self.ring_base = self.ring_size = None  # (BK,) each: column of slot 0, window W; model head order
 
@@ -128,22 +136,22 @@ class LayerKV:
                 ring.copy_(x.transpose(2, 3).reshape(B * G, D, W) if ring is g.keys else x.reshape(B * G, W, D))
         self.ring_base, self.ring_size = self.owner.layout(base.view(-1), wins.view(-1), hidden.device)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attn: SeqAttention, key_pe: torch.Tensor) -> torch.Tensor:
-        """Attention of the current position over the rings, then its keys and values
-        written in: query, key, value (B, 1, H) -> (B, 1, H)."""
-        B, _, H = query.shape
+    def attend(self, h: torch.Tensor, attn: SeqAttention) -> torch.Tensor:
+        """The layer's attention (projections included) at the current position over the
+        rings, then its keys and values written in: h (B, 1, H) -> (B, 1, H)."""
+        B, _, H = h.shape
         K, D = attn.nheads, attn.head_dim
+        q, k, v = torch.mm(h.view(B, H), self.w_qkv).view(B, 3, K, D).unbind(1)  # (B, K, D) each
+        q = q.index_select(1, self.order) if self.permuted else q  # (B, K, D) in group order
         t = self.owner.position
-        q = query.view(B, K, D).index_select(1, self.order)  # (B, K, D) in group order
         outs = [self._group(g, q.narrow(1, g.start, g.stop - g.start), attn, t) for g in self.groups]
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (B, K, D) in group order
         if self.inverse is not None:
             out = out.index_select(1, self.inverse)  # (B, K, D)
         slots = self.owner.slots(self.ring_base, self.ring_size)  # (BK,): position t replaces t-W
-        self.keys.index_copy_(1, slots, key.view(B * K, D).t())  # (D, S)
-        self.values.index_copy_(0, slots, value.view(B * K, D))  # (S, D)
-        return out.view(B, 1, H)  # (B, 1, H)
+        self.keys.index_copy_(1, slots, k.reshape(B * K, D).t())  # (D, S)
+        self.values.index_copy_(0, slots, v.reshape(B * K, D))  # (S, D)
+        return torch.mm(out.view(B, H), self.w_out).view(B, 1, H)  # (B, 1, H)
 
     def _group(self, g: WindowGroup, q: torch.Tensor, attn: SeqAttention, t: int) -> torch.Tensor:
         """Heads of ``g`` at position t over the W previous ones: q (B, G, D) -> (B, G, D)."""
@@ -154,14 +162,12 @@ class LayerKV:
         pe_logits = torch.mm(qg.view(B * G, D), g.pe.narrow(1, W - r, W))  # (BG, W): slots 0 .. W-1
         logits = torch.baddbmm(pe_logits.view(B * G, 1, W), qg, g.keys).view(B, G, 1, W)  # (B, G, 1, W)
         mask = g.mask.narrow(2, W - r, W) if g.mask is not None else None  # (G, 1, W)
-        pers = attn.persistent_memory
-        heads = g.heads
-        pers_logits = pers.logits(q.unsqueeze(2), heads) if pers is not None else None  # (B, G, 1, N)
-        probs, pers_probs = attention_weights(logits, D, mask, pers_logits, None, attn.dropout,
-                                              attn.training)  # (B, G, 1, W), (B, G, 1, N)
+        pers = self.pers
+        pers_logits = pers.logits(q.unsqueeze(2), g.heads) if pers is not None else None  # (B, G, 1, N)
+        probs, pers_probs = attention_weights(logits, D, mask, pers_logits)  # (B, G, 1, W), (B, G, 1, N): eval
         out = torch.bmm(probs.view(B * G, 1, W), g.values).view(B, G, D)  # (B, G, D)
         if pers_probs is not None:
-            out = out + pers.read(pers_probs, heads).view(B, G, D)  # (B, G, D)
+            out = out + pers.read(pers_probs, g.heads).view(B, G, D)  # (B, G, D)
         return out
 
 

@@ -116,12 +116,11 @@ class MultiHeadSeqAttention(nn.Module):
 
     def forward(self, h: torch.Tensor, cache, key_pe: torch.Tensor,
                 plan: Optional[tuple] = None) -> torch.Tensor:
-        """``cache``: the layer's previous inputs (B, C, H), or a key/value cache with
-        ``attend(query, key, value, attn, key_pe)`` (``inference.LayerKV``, generation)."""
+        """``cache``: the layer's previous inputs (B, C, H), or a key/value cache whose
+        ``attend(h, attn)`` is this attention over the projected past (``inference.LayerKV``)."""
+        if not isinstance(cache, torch.Tensor):  # generation: keys and values projected once
+            return cache.attend(h, self.attn)  # (B, M, H)
         query = self.proj_query(h)  # (B, M, H)
-        if not isinstance(cache, torch.Tensor):  # keys and values of the past, projected once
-            out = cache.attend(query, self.proj_key(h), self.proj_val(h), self.attn, key_pe)  # (B, M, H)
-            return self.proj_out(out)  # (B, M, H)
         h_all = torch.cat([cache, h], dim=1)  # (B, C+M, H)
         out = self.attn(query, h_all, self.proj_key.weight, self.proj_val.weight, key_pe,
                         plan)  # (B, M, H)
