@@ -20,13 +20,17 @@ model of the shapes (``plan_groups``) partitions the heads into groups, each
 scored over its widest window, and each group projects keys and values for its
 last W + M positions only, with its own rows of the projection weights, and
 scores them, in query chunks or in one product, against its own band of W keys.
-One group of every head over L' is the reference computation, with only the kept
-positions projected.
+A head in a wider group leaves the columns beyond its own window out of its
+softmax (``outside_windows``), so the result does not depend on the grouping,
+which changes with the batch size and block length. One group of every head
+over L' is the reference computation, with only the kept positions projected.
 
-Where the two paths differ: both renormalise as ``p m / (sum(p m) + 1e-8)``, but
-the softmax p is taken over L' keys (reference) or over the group's W keys, so the
-1e-8 weighs differently: with a = sum(p m) the mass a head keeps inside its span,
-the outputs differ relatively by at most about 1e-8 / a (0 when W = L').
+Where the two paths differ: both renormalise as ``p m / (sum(p m) + 1e-8)`` with
+``attention_weights``, but the softmax p is taken over L' keys (reference) or over
+the head's own window, so the 1e-8 weighs differently: with a = sum(p m) the mass a
+head keeps inside its span in the reference's softmax, the outputs and each gradient
+tensor differ by at most 8e-8 / a of the tensor's largest entry, and not at all for
+a head whose window is L' (tests/test_attention.py, in float64).
 """
 import functools
 import math
@@ -318,7 +322,7 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
                       w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                       span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
                       dropout: float, training: bool, plan: Optional[tuple] = None) -> torch.Tensor:
-    """The function of ``reference_attention`` (up to the 1e-8 term) at a cost that
+    """The function of ``reference_attention`` (up to the 1e-8 term, see the module doc) at a cost that
     follows each head's span: heads are grouped by ``plan_groups`` and each group is
     projected, scored and read over its own window W only (one group of every head
     over W = L' is the reference computation with only the kept positions projected).
