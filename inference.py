@@ -138,10 +138,10 @@ class LayerKV:
 
     def attend(self, h: torch.Tensor, attn: SeqAttention) -> torch.Tensor:
         """The layer's attention (projections included) at the current position over the
-        rings, then its keys and values written in: h (B, 1, H) -> (B, 1, H)."""
-        B, _, H = h.shape
+        rings, then its keys and values written in: h (B, H) -> (B, H)."""
+        B, H = h.shape
         K, D = attn.nheads, attn.head_dim
-        q, k, v = torch.mm(h.view(B, H), self.w_qkv).view(B, 3, K, D).unbind(1)  # (B, K, D) each
+        q, k, v = torch.mm(h, self.w_qkv).view(B, 3, K, D).unbind(1)  # (B, K, D) each
         q = q.index_select(1, self.order) if self.permuted else q  # (B, K, D) in group order
         t = self.owner.position
         outs = [self._group(g, q.narrow(1, g.start, g.stop - g.start), attn, t) for g in self.groups]
@@ -151,7 +151,7 @@ class LayerKV:
         slots = self.owner.slots(self.ring_base, self.ring_size)  # (BK,): position t replaces t-W
         self.keys.index_copy_(1, slots, k.reshape(B * K, D).t())  # (D, S)
         self.values.index_copy_(0, slots, v.reshape(B * K, D))  # (S, D)
-        return torch.mm(out.view(B, H), self.w_out).view(B, 1, H)  # (B, 1, H)
+        return torch.mm(out.view(B, H), self.w_out)  # (B, H)
 
     def _group(self, g: WindowGroup, q: torch.Tensor, attn: SeqAttention, t: int) -> torch.Tensor:
         """Heads of ``g`` at position t over the W previous ones: q (B, G, D) -> (B, G, D)."""
@@ -247,9 +247,9 @@ class KVCache:
         if B != self.batch_size:
             raise ValueError(f"step: {B} tokens for {self.batch_size} streams (prefill first)")
         model = self.model
-        h = model.in_emb(tokens.view(B, 1))  # (B, 1, H)
+        h = model.in_emb(tokens.view(B, 1)).view(B, -1)  # (B, H): one position, as rows
         self._slots.clear()
         for layer, plan in zip(model.layers, self.plans):
-            h = layer(h, plan, model.key_pe)  # (B, 1, H): the model's layer, keys and values cached
+            h = layer(h, plan, model.key_pe)  # (B, H): the model's layer, keys and values cached
         self.position += 1
-        return model.output(h, None).view(B, -1)  # (B, V)
+        return model.output(h.unsqueeze(1), None).view(B, -1)  # (B, V)

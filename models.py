@@ -117,7 +117,8 @@ class MultiHeadSeqAttention(nn.Module):
     def forward(self, h: torch.Tensor, cache, key_pe: torch.Tensor,
                 plan: Optional[tuple] = None) -> torch.Tensor:
         """``cache``: the layer's previous inputs (B, C, H), or a key/value cache whose
-        ``attend(h, attn)`` is this attention over the projected past (``inference.LayerKV``)."""
+        ``attend(h, attn)`` is this attention over the projected past (``inference.LayerKV``;
+        h (B, H), one position per row)."""
         if not isinstance(cache, torch.Tensor):  # generation: keys and values projected once
             return cache.attend(h, self.attn)  # (B, M, H)
         query = self.proj_query(h)  # (B, M, H)
