@@ -171,6 +171,14 @@ class SpanReaders:
         return self.state().cache
 
 
+def mask_renormalise(probs: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """Probabilities (…, W) times the span mask, renormalised as the reference does:
+    ``p m / (sum(p m) + 1e-8)``. ``in_place`` reuses ``probs`` (only without autograd)."""
+    probs = probs.mul_(mask) if in_place else probs * mask  # (…, W)
+    total = probs.sum(-1, keepdim=True) + 1e-8  # (…, 1)
+    return probs.div_(total) if in_place else probs / total  # (…, W)
+
+
 class AdaptiveMask(nn.Module):
     """The soft mask ``clamp((template + z) / R + 1, 0, 1)`` over L positions."""
 
@@ -215,10 +223,9 @@ class AdaptiveSpan(SpanReaders, nn.Module):
 
     def mask_probs(self, attn: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Mask attention probabilities of shape (B, K, M, L') right-aligned, then renormalise."""
-        attn = attn * self.mask(attn.size(-1))  # (B, K, M, L')
         if normalize:
-            attn = attn / (attn.sum(-1, keepdim=True) + 1e-8)  # (B, K, M, L')
-        return attn
+            return mask_renormalise(attn, self.mask(attn.size(-1)))  # (B, K, M, L')
+        return attn * self.mask(attn.size(-1))  # (B, K, M, L')
 
     # ---- the cached integers -------------------------------------------------
     def _param_key(self) -> tuple:

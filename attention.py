@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from adaptive_span import WINDOW_BUCKET, AdaptiveSpan
+from adaptive_span import WINDOW_BUCKET, AdaptiveSpan, mask_renormalise
 from persistent_memory import PersistentMemory, joint_renormalise, joint_softmax
 
 
@@ -97,13 +97,11 @@ def attention_weights(logits: torch.Tensor, head_dim: int, span_mask: Optional[t
     None (``PersistentMemory.read`` applies their dropout)."""
     if unseen is not None:
         logits = logits.masked_fill(unseen, torch.finfo(logits.dtype).min)  # (…, W)
-    in_place = not (torch.is_grad_enabled() and logits.requires_grad)  # no graph to keep intact
+    in_place = not torch.is_grad_enabled()  # no graph to keep intact
     if pers_logits is None:
         probs = F.softmax(logits / math.sqrt(head_dim), dim=-1)  # (…, W)
         if span_mask is not None:
-            probs = probs.mul_(span_mask) if in_place else probs * span_mask  # (…, W)
-            total = probs.sum(-1, keepdim=True) + 1e-8  # (…, 1)
-            probs = probs.div_(total) if in_place else probs / total  # (…, W)
+            probs = mask_renormalise(probs, span_mask, in_place)  # (…, W)
         return F.dropout(probs, dropout, training) if training else probs, None
     probs, pers_probs = joint_softmax(logits, pers_logits, head_dim)  # (…, W), (…, N)
     if span_mask is not None:
@@ -203,6 +201,13 @@ def group_cost(batch: int, block: int, width: int, hidden: int, window: int, hea
     return batch * heads * per_head + GROUP_COST + CHUNK_COST * (-(-M // c) - 1)
 
 
+def merge_cost(batch: int, block: int, window: int, narrower: int) -> float:
+    """Extra cost of scoring ``narrower`` heads over a wider window W: the forward and
+    backward passes over their (M, W) logits that leave the columns beyond their own
+    windows out of the softmax (``outside_windows``), at ELEM_COST per element."""
+    return batch * narrower * block * ELEM_COST * 2 * window
+
+
 def best_chunk(batch: int, block: int, width: int, hidden: int, window: int, heads: int) -> int:
     """The cheaper of one dense product (c = M) and chunks of about the window."""
     return min((block, chunk_size(block, window)),
@@ -224,6 +229,8 @@ def plan_groups(windows: Tuple[int, ...], batch: int, block: int, width: int):
             G, W = sum(count[i:j]), distinct[j - 1]
             c = best_chunk(batch, block, width, hidden, W, G)
             cost = best[i][0] + group_cost(batch, block, width, hidden, W, G, c)
+            if j - i > 1:  # a merged group: the narrower heads' ``outside_windows`` pass
+                cost += merge_cost(batch, block, W, sum(count[i:j - 1]))
             if cost < best[j][0]:
                 best[j] = (cost, i)
     cuts, j = [], len(distinct)
