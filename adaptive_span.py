@@ -13,10 +13,25 @@ Every rule that turns the span parameters into integers lives here, once:
 or its gradient is non-zero), the reference's ``max_span`` / ``avg_span``,
 ``trim_length``, ``kept_length`` L', ``cache_length`` and ``head_window`` W.
 ``AdaptiveSpan.refresh`` computes them with one host sync and caches them as
-plain ints (``SpanState``); the forward pass only reads the cache. The cache
-is recomputed whenever ``current_val`` was changed in place (its version
-counter), so a stale value is never read; ``TransformerSeq.refresh_spans``
-refreshes every layer with a single sync.
+plain ints (``SpanState``); the forward pass only reads the cache.
+
+When the cache is stale (no host sync to find out): it is keyed on what every write
+of ``current_val`` changes, read from the host without touching the values:
+- the parameter object, its version counter (in-place ops on it: ``copy_``,
+  ``clamp_``, ``load_state_dict``, non-fused optimizers), its storage address, dtype
+  and device (``p.data = ...``, ``vector_to_parameters``, ``.to()``, ``.double()``);
+- a count of reads and writes of its ``.data`` (``SpanParameter``): ``p.data.copy_``
+  and every other write through ``.data`` bypass the version counter;
+- a count of optimizer steps in this process (a global
+  ``torch.optim.optimizer.register_optimizer_step_post_hook``): fused and foreach optimizers
+  may write without moving the version counter.
+A stale cache is recomputed at its next use (one host sync); ``refresh_spans`` does
+it for many layers with one sync (``TransformerSeq`` calls it after every optimizer
+step and, if any layer is stale, at the start of a forward). So a training loop pays
+one sync per step and a forward between two writes pays none. A write this key
+cannot see: through an alias made before it was cached that bypasses autograd
+(``p.numpy()``, a ``.data`` tensor kept from earlier), or into a plain ``Parameter`` put
+in ``current_val``'s place; call ``refresh_spans`` after those.
 
 Dimension legend: B batch, M block length, L max span, K heads, D head dim.
 Positions of a span window are ordered from farthest (index 0) to nearest.
@@ -24,15 +39,52 @@ Positions of a span window are ordered from farthest (index 0) to nearest.
 The state-dict names (``_mask.current_val``, ``_mask.mask_template``) are those
 of the reference implementation so its checkpoints load unchanged.
 """
+import itertools
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 TRIM_GRANULARITY = 64  # the reference trims memory in multiples of 64 positions
 WINDOW_BUCKET = 64  # a head's window is its reach rounded up to a multiple of this
+
+
+# ---- what every write of a span parameter changes -----------------------------
+_OPTIMIZER_STEPS = itertools.count(1)  # next(...) after every optimizer step of the process
+_steps_seen = [0]  # optimizer steps so far
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _steps_seen[0] = next(_OPTIMIZER_STEPS)
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class SpanParameter(nn.Parameter):
+    """A Parameter that counts the uses of its ``.data`` (``p.data.copy_(...)``, ``p.data = x``,
+    ``vector_to_parameters``, module dtype/device moves): writes through ``.data`` do not move
+    the version counter, so the span cache also keys on this count."""
+    data_uses = 0
+
+    @property
+    def data(self) -> torch.Tensor:
+        self.data_uses += 1
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self.data_uses += 1
+        torch._C.TensorBase.data.__set__(self, value)
+
+
+def param_key(p: torch.Tensor) -> tuple:
+    """Changes with every write of ``p`` (see the module doc), read without a host sync."""
+    return (id(p), p._version, p.data_ptr(), p.dtype, p.device, getattr(p, "data_uses", 0),
+            _steps_seen[0])
 
 
 # ---- the integer rules (plain ints in, plain ints out) ---------------------------
@@ -119,6 +171,14 @@ class SpanReaders:
         return self.state().cache
 
 
+def mask_renormalise(probs: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """Probabilities (…, W) times the span mask, renormalised as the reference does:
+    ``p m / (sum(p m) + 1e-8)``. ``in_place`` reuses ``probs`` (only without autograd)."""
+    probs = probs.mul_(mask) if in_place else probs * mask  # (…, W)
+    total = probs.sum(-1, keepdim=True) + 1e-8  # (…, 1)
+    return probs.div_(total) if in_place else probs / total  # (…, W)
+
+
 class AdaptiveMask(nn.Module):
     """The soft mask ``clamp((template + z) / R + 1, 0, 1)`` over L positions."""
 
@@ -126,7 +186,7 @@ class AdaptiveMask(nn.Module):
         super().__init__()
         self.max_size = max_size
         self.ramp_size = ramp_size
-        self.current_val = nn.Parameter(torch.full((nheads, 1, 1), float(init_val)))  # (K, 1, 1)
+        self.current_val = SpanParameter(torch.full((nheads, 1, 1), float(init_val)))  # (K, 1, 1)
         self.register_buffer("mask_template", torch.linspace(1 - max_size, 0, steps=max_size))  # (L,)
 
     def values(self, length: int) -> torch.Tensor:
@@ -163,15 +223,17 @@ class AdaptiveSpan(SpanReaders, nn.Module):
 
     def mask_probs(self, attn: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Mask attention probabilities of shape (B, K, M, L') right-aligned, then renormalise."""
-        attn = attn * self.mask(attn.size(-1))  # (B, K, M, L')
         if normalize:
-            attn = attn / (attn.sum(-1, keepdim=True) + 1e-8)  # (B, K, M, L')
-        return attn
+            return mask_renormalise(attn, self.mask(attn.size(-1)))  # (B, K, M, L')
+        return attn * self.mask(attn.size(-1))  # (B, K, M, L')
 
     # ---- the cached integers -------------------------------------------------
     def _param_key(self) -> tuple:
-        cv = self.current_val
-        return id(cv), cv._version, cv.device
+        return param_key(self.current_val)
+
+    def stale(self) -> bool:
+        """Whether current_val was written since the integers were cached (no host sync)."""
+        return self._state is None or self._state[0] != self._param_key()
 
     def state_tensor(self) -> torch.Tensor:
         """(2K + 2,) float64: head spans, reaches (counts of the mask tensor itself, so
@@ -204,7 +266,7 @@ class AdaptiveSpan(SpanReaders, nn.Module):
 
     def state(self) -> SpanState:
         """The cached integers; recomputed (one host sync) only if current_val changed."""
-        if self._state is None or self._state[0] != self._param_key():
+        if self.stale():
             return self.refresh()
         return self._state[1]
 
@@ -289,11 +351,17 @@ class DynamicSpan(SpanReaders, nn.Module):
         """Nothing to clamp: sigmoid keeps z in (0, L)."""
 
 
-def __getattr__(name: str):
-    """``from adaptive_span import AdaptiveSpanAttention``: the drop-in attention module lives
-    in span_attention.py (it scores with attention.py's banded products), imported on demand so
-    that attention.py can import this file."""
-    if name == "AdaptiveSpanAttention":
-        from span_attention import AdaptiveSpanAttention
-        return AdaptiveSpanAttention
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def refresh_spans(spans: Iterable[AdaptiveSpan]) -> None:
+    """Cache the integers of many static spans with one host sync (e.g. after an optimizer
+    step, for every ``AdaptiveSpan`` of a model: ``[m for m in model.modules() if
+    isinstance(m, AdaptiveSpan)]``); a span that is not refreshed here refreshes itself,
+    with its own sync, at its next use."""
+    spans = [span for span in spans if not span.current_val.is_meta]
+    if not spans:
+        return
+    states = [span.state_tensor() for span in spans]  # (2K + 2,) each
+    values = torch.cat([s.to(states[0].device) for s in states]).tolist()  # one sync
+    start = 0
+    for span, state in zip(spans, states):
+        span.set_state(values[start:start + state.numel()])
+        start += state.numel()

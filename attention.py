@@ -20,22 +20,26 @@ model of the shapes (``plan_groups``) partitions the heads into groups, each
 scored over its widest window, and each group projects keys and values for its
 last W + M positions only, with its own rows of the projection weights, and
 scores them, in query chunks or in one product, against its own band of W keys.
-One group of every head over L' is the reference computation, with only the kept
-positions projected.
+A head in a wider group leaves the columns beyond its own window out of its
+softmax (``outside_windows``), so the result does not depend on the grouping,
+which changes with the batch size and block length. One group of every head
+over L' is the reference computation, with only the kept positions projected.
 
-Where the two paths differ: both renormalise as ``p m / (sum(p m) + 1e-8)``, but
-the softmax p is taken over L' keys (reference) or over the group's W keys, so the
-1e-8 weighs differently: with a = sum(p m) the mass a head keeps inside its span,
-the outputs differ relatively by at most about 1e-8 / a (0 when W = L').
+Where the two paths differ: both renormalise as ``p m / (sum(p m) + 1e-8)`` with
+``attention_weights``, but the softmax p is taken over L' keys (reference) or over
+the head's own window, so the 1e-8 weighs differently: with a = sum(p m) the mass a
+head keeps inside its span in the reference's softmax, the outputs and each gradient
+tensor differ by at most 8e-8 / a of the tensor's largest entry, and not at all for
+a head whose window is L' (tests/test_attention.py, in float64).
 """
 import functools
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from adaptive_span import WINDOW_BUCKET, AdaptiveSpan
+from adaptive_span import WINDOW_BUCKET, AdaptiveSpan, mask_renormalise
 from persistent_memory import PersistentMemory, joint_renormalise, joint_softmax
 
 
@@ -80,34 +84,40 @@ def fit_memory(h_all: torch.Tensor, block: int, keep: int) -> torch.Tensor:
     return h_all
 
 
-def attend(ctx_logits: torch.Tensor, span_mask: Optional[torch.Tensor],
-           pers: Optional[PersistentMemory], pers_logits: Optional[torch.Tensor],
-           head_dim: int, dropout: float, training: bool, heads: slice = slice(None)):
-    """Softmax, span mask, renormalisation and dropout of context logits (B, K', M, L').
-
-    Returns the context probabilities (B, K', M, L') after dropout and the
-    persistent read-out (B, K', M, D) or None. ``span_mask`` is (K', 1, L').
-    """
-    if pers is None:
-        probs = F.softmax(ctx_logits / math.sqrt(head_dim), dim=-1)  # (B, K', M, L')
+def attention_weights(logits: torch.Tensor, head_dim: int, span_mask: Optional[torch.Tensor] = None,
+                      pers_logits: Optional[torch.Tensor] = None, unseen: Optional[torch.Tensor] = None,
+                      dropout: float = 0.0, training: bool = False):
+    """The one computation from logits to attention weights, for every path (reference,
+    grouped, the drop-in module, generation): softmax of the context logits (…, W) divided by
+    sqrt(D), jointly with the persistent logits (…, N) when given; times the span mask
+    (broadcast to (…, W)) and renormalised as ``p m / (sum(p m) [+ sum(p_pers)] + 1e-8)``;
+    dropout on the context weights. ``unseen`` (bool, broadcast to (…, W)): keys left out
+    of the softmax (padding, or positions beyond a head's own window when it is scored in a
+    wider group). Returns the context weights (…, W) and the persistent weights (…, N) or
+    None (``PersistentMemory.read`` applies their dropout)."""
+    if unseen is not None:
+        logits = logits.masked_fill(unseen, torch.finfo(logits.dtype).min)  # (…, W)
+    in_place = not torch.is_grad_enabled()  # no graph to keep intact
+    if pers_logits is None:
+        probs = F.softmax(logits / math.sqrt(head_dim), dim=-1)  # (…, W)
         if span_mask is not None:
-            probs = probs * span_mask  # (B, K', M, L')
-            probs = probs / (probs.sum(-1, keepdim=True) + 1e-8)  # (B, K', M, L')
-        return F.dropout(probs, dropout, training), None
-    probs, pers_probs = joint_softmax(ctx_logits, pers_logits, head_dim)  # (B,K',M,L'), (B,K',M,N)
+            probs = mask_renormalise(probs, span_mask, in_place)  # (…, W)
+        return F.dropout(probs, dropout, training) if training else probs, None
+    probs, pers_probs = joint_softmax(logits, pers_logits, head_dim)  # (…, W), (…, N)
     if span_mask is not None:
-        probs = probs * span_mask  # (B, K', M, L')
-        probs, pers_probs = joint_renormalise(probs, pers_probs)  # (B,K',M,L'), (B,K',M,N)
-    probs = F.dropout(probs, dropout, training)  # (B, K', M, L')
-    return probs, pers.read(pers_probs, heads)  # (B, K', M, L'), (B, K', M, D)
+        probs = probs * span_mask  # (…, W)
+        probs, pers_probs = joint_renormalise(probs, pers_probs)  # (…, W), (…, N)
+    return F.dropout(probs, dropout, training), pers_probs
 
 
 def reference_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
                         w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                         span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
-                        dropout: float, training: bool, plan: Optional[tuple] = None) -> torch.Tensor:
+                        dropout: float, training: bool, plan: Optional[tuple] = None,
+                        unseen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The reference computation. query (B, M, H) projected, h_all (B, C+M, H) -> (B, M, H).
-    ``plan``: ``attention_plan``'s integers, read from ``span`` when None."""
+    ``plan``: ``attention_plan``'s integers, read from ``span`` when None. ``unseen``
+    (K, 1, L'): keys outside each head's softmax (the grouped path's own windows), or None."""
     B, M, H = query.shape
     L = key_pe.size(-1)
     D = H // nheads
@@ -124,10 +134,10 @@ def reference_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.T
     logits = logits + torch.matmul(q, pe.unsqueeze(0))  # (B, K, M, L')
     mask = span.mask(L - trim) if span is not None else None  # (K, 1, L')
     pers_logits = pers.logits(q) if pers is not None else None  # (B, K, M, N)
-    probs, pers_out = attend(logits, mask, pers, pers_logits, D, dropout, training)
+    probs, pers_probs = attention_weights(logits, D, mask, pers_logits, unseen, dropout, training)
     out = torch.matmul(skew(probs), v)  # (B, K, M, D)
-    if pers_out is not None:
-        out = out + pers_out  # (B, K, M, D)
+    if pers_probs is not None:
+        out = out + pers.read(pers_probs)  # (B, K, M, D)
     return merge_heads(out)  # (B, M, H)
 
 
@@ -164,10 +174,21 @@ def head_windows(span: Optional[AdaptiveSpan], nheads: int, max_span: int,
 
 def attention_plan(span: Optional[AdaptiveSpan], nheads: int, max_span: int, batch: int,
                    block: int, width: int) -> tuple:
-    """(L', groups, head order): every integer a layer's attention needs, from the span's
-    cached state (no host sync). Computed outside the forward when it is compiled."""
+    """(L', groups, head order, head windows): every integer a layer's attention needs, from
+    the span's cached state (no host sync). Computed outside the forward when it is compiled."""
     windows = tuple(head_windows(span, nheads, max_span))
-    return (kept_length(span, max_span),) + plan_groups(windows, batch, block, width)
+    return (kept_length(span, max_span),) + plan_groups(windows, batch, block, width) + (windows,)
+
+
+def outside_windows(windows: Sequence[int], width: int, device) -> Optional[torch.Tensor]:
+    """(G, 1, width) bool: the columns of a group window of ``width`` beyond each head's own
+    window (column 0 the farthest), or None when every head's window is the group's. The
+    grouped path leaves them out of the head's softmax, so a head's weights are those of its
+    own window whatever group the planner puts it in."""
+    if min(windows) >= width:
+        return None
+    first = torch.tensor([width - w for w in windows], device=device).view(-1, 1, 1)  # (G, 1, 1)
+    return torch.arange(width, device=device) < first  # (G, 1, width)
 
 
 def group_cost(batch: int, block: int, width: int, hidden: int, window: int, heads: int,
@@ -176,6 +197,13 @@ def group_cost(batch: int, block: int, width: int, hidden: int, window: int, hea
     M, D, W, c = block, width, window, chunk
     per_head = M * (D * (2 * (c + W) + W) + ELEM_COST * (W + 2 * (c + W))) + 2 * D * hidden * (W + M)
     return batch * heads * per_head + GROUP_COST + CHUNK_COST * (-(-M // c) - 1)
+
+
+def merge_cost(batch: int, block: int, window: int, narrower: int) -> float:
+    """Extra cost of scoring ``narrower`` heads over a wider window W: the forward and
+    backward passes over their (M, W) logits that leave the columns beyond their own
+    windows out of the softmax (``outside_windows``), at ELEM_COST per element."""
+    return batch * narrower * block * ELEM_COST * 2 * window
 
 
 def best_chunk(batch: int, block: int, width: int, hidden: int, window: int, heads: int) -> int:
@@ -199,6 +227,8 @@ def plan_groups(windows: Tuple[int, ...], batch: int, block: int, width: int):
             G, W = sum(count[i:j]), distinct[j - 1]
             c = best_chunk(batch, block, width, hidden, W, G)
             cost = best[i][0] + group_cost(batch, block, width, hidden, W, G, c)
+            if j - i > 1:  # a merged group: the narrower heads' ``outside_windows`` pass
+                cost += merge_cost(batch, block, W, sum(count[i:j - 1]))
             if cost < best[j][0]:
                 best[j] = (cost, i)
     cuts, j = [], len(distinct)
@@ -275,9 +305,9 @@ def _pick(heads):
 def _group_attention(q: torch.Tensor, h: torch.Tensor, w_key: torch.Tensor,
                      w_val: torch.Tensor, pe: torch.Tensor, mask: Optional[torch.Tensor],
                      pers: Optional[PersistentMemory], heads, chunk: int, dropout: float,
-                     training: bool) -> torch.Tensor:
+                     training: bool, unseen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of G heads over their window W: q (B, G, M, D), h (B, W+M, H), w_key and
-    w_val (G*D, H), pe (1, D, W), mask (G, 1, W) or None -> (B, G, M, D)."""
+    w_val (G*D, H), pe (1, D, W), mask (G, 1, W) or None, unseen (G, 1, W) or None -> (B, G, M, D)."""
     G, D = q.size(1), q.size(3)
     k = split_heads(F.linear(h, w_key), G)  # (B, G, W+M, D)
     v = split_heads(F.linear(h, w_val), G)  # (B, G, W+M, D)
@@ -288,16 +318,16 @@ def _group_attention(q: torch.Tensor, h: torch.Tensor, w_key: torch.Tensor,
             pers is None or torch.is_autocast_enabled(logits.device.type)):
         logits = logits.float()  # (B, G, M, W): softmax and mask in float32
         pers_logits = pers_logits.float() if pers_logits is not None else None  # (B, G, M, N)
-    probs, pers_out = attend(logits, mask, pers, pers_logits, D, dropout, training, _pick(heads))
+    probs, pers_probs = attention_weights(logits, D, mask, pers_logits, unseen, dropout, training)
     out = band_read(probs.to(v.dtype), v, chunk)  # (B, G, M, D)
-    return out + pers_out if pers_out is not None else out  # (B, G, M, D)
+    return out + pers.read(pers_probs, _pick(heads)) if pers is not None else out  # (B, G, M, D)
 
 
 def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Tensor,
                       w_val: torch.Tensor, key_pe: torch.Tensor, nheads: int,
                       span: Optional[AdaptiveSpan], pers: Optional[PersistentMemory],
                       dropout: float, training: bool, plan: Optional[tuple] = None) -> torch.Tensor:
-    """The function of ``reference_attention`` (up to the 1e-8 term) at a cost that
+    """The function of ``reference_attention`` (up to the 1e-8 term, see the module doc) at a cost that
     follows each head's span: heads are grouped by ``plan_groups`` and each group is
     projected, scored and read over its own window W only (one group of every head
     over W = L' is the reference computation with only the kept positions projected).
@@ -307,11 +337,12 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
     K, D = nheads, H // nheads
     if plan is None:
         plan = attention_plan(span, K, L, B, M, D)
-    keep, groups, order = plan
+    keep, groups, order, windows = plan
     if groups == ((keep, M, slice(0, K)),) and h_all.size(1) == keep + M:
         # one dense group over L' and no cached position to skip: the reference itself
         return reference_attention(query, h_all, w_key, w_val, key_pe, nheads, span, pers,
-                                   dropout, training, plan)
+                                   dropout, training, plan,
+                                   outside_windows(windows, keep, query.device))
     q_all = split_heads(query, K)  # (B, K, M, D)
     wk = w_key.view(K, D, H)  # (K, D, H)
     wv = w_val.view(K, D, H)  # (K, D, H)
@@ -330,7 +361,10 @@ def grouped_attention(query: torch.Tensor, h_all: torch.Tensor, w_key: torch.Ten
             mask = _select(mask_all, heads, mask_all.dim() - 3)[..., L - window:]  # (G, 1, W) or (B, G, M, W)
         wk_g = _select(wk, heads, 0).reshape(G * D, H)  # (G*D, H)
         wv_g = _select(wv, heads, 0).reshape(G * D, H)  # (G*D, H)
-        out = _group_attention(q, h, wk_g, wv_g, pe, mask, pers, heads, chunk, dropout, training)
+        unseen = outside_windows(windows[heads] if isinstance(heads, slice) else
+                                 [windows[k] for k in heads], window, q.device)  # (G, 1, W) or None
+        out = _group_attention(q, h, wk_g, wv_g, pe, mask, pers, heads, chunk, dropout, training,
+                               unseen)
         outs.append(out.transpose(1, 2))  # (B, M, G, D)
     out = torch.cat(outs[::-1], dim=2) if len(outs) > 1 else outs[0]  # (B, M, K, D) in group order
     if order != tuple(range(K)):

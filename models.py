@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptive_io import build_adaptive_io, tied_counterpart, tied_mismatches, zero_dependency
-from adaptive_span import AdaptiveSpan, DynamicSpan
+from adaptive_span import AdaptiveSpan, DynamicSpan, refresh_spans
 from attention import attention_plan, grouped_attention, reference_attention
 from config import ModelConfig  # noqa: F401  (the model's settings; importable from here)
 from persistent_memory import PersistentMemory
@@ -78,10 +78,15 @@ class MultiHeadSeqAttention(nn.Module):
         self.proj_val = nn.Linear(H, H, bias=False)
         self.proj_key = nn.Linear(H, H, bias=False)
 
-    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor,
+    def forward(self, h: torch.Tensor, cache, key_pe: torch.Tensor,
                 plan: Optional[tuple] = None) -> torch.Tensor:
-        h_all = torch.cat([cache, h], dim=1)  # (B, C+M, H)
+        """``cache``: the layer's previous inputs (B, C, H), or a key/value cache whose
+        ``attend(h, attn)`` is this attention over the projected past (``inference.LayerKV``;
+        h (B, H), one position per row)."""
+        if not isinstance(cache, torch.Tensor):  # generation: keys and values projected once
+            return cache.attend(h, self.attn)  # (B, M, H)
         query = self.proj_query(h)  # (B, M, H)
+        h_all = torch.cat([cache, h], dim=1)  # (B, C+M, H)
         out = self.attn(query, h_all, self.proj_key.weight, self.proj_val.weight, key_pe,
                         plan)  # (B, M, H)
         return self.proj_out(out)  # (B, M, H)
@@ -115,10 +120,11 @@ class TransformerSeqLayer(nn.Module):
     def span(self) -> Optional[AdaptiveSpan]:
         return self.attn.attn.adaptive_span
 
-    def forward(self, h: torch.Tensor, cache: torch.Tensor, key_pe: torch.Tensor,
+    def forward(self, h: torch.Tensor, cache, key_pe: torch.Tensor,
                 plan: Optional[tuple] = None) -> torch.Tensor:
         """``plan``: the attention's integers (``SeqAttention.plan``), read from the span
-        when None; a compiled layer is given them, so that they are guarded constants."""
+        when None; a compiled layer is given them, so that they are guarded constants.
+        ``cache``: hidden states (B, C, H) or a key/value cache (``MultiHeadSeqAttention``)."""
         h = self.norm1(h + self.attn(h, cache, key_pe, plan))  # (B, M, H)
         if self.ff is not None:
             h = self.norm2(h + self.ff(h))  # (B, M, H)
@@ -157,6 +163,8 @@ class TransformerSeq(nn.Module):
                 target: Optional[torch.Tensor] = None):
         """x (B, M) token ids. Returns per-token NLL (B, M) when ``target`` is given,
         else log-probabilities (B, M, V); and the next caches."""
+        if any(span.stale() for span in self._static_spans()):
+            self.refresh_spans()  # a span parameter was written since: one sync for all layers
         h = self.in_emb(x)  # (B, M, H)
         h = F.dropout(h, self.cfg.emb_dropout, self.training)  # (B, M, H)
         next_caches = []
@@ -211,20 +219,16 @@ class TransformerSeq(nn.Module):
             span.clamp_param()
         self.refresh_spans()
 
+    def _static_spans(self) -> List[AdaptiveSpan]:
+        return [span for span in self._spans() if isinstance(span, AdaptiveSpan)]
+
     def refresh_spans(self) -> None:
         """Cache every layer's span integers (spans, windows, trim, cache size) with one
         host sync for the whole model, so that forward passes make none. Called at
-        construction, by ``clamp_spans`` (after each optimizer step) and after
-        ``load_state_dict``; a span changed in place elsewhere refreshes itself on its
-        next use (see AdaptiveSpan.state)."""
-        spans = [span for span in self._spans() if isinstance(span, AdaptiveSpan)]
-        if not spans or self.key_pe.is_meta:  # a shape-only model has no values to read
-            return
-        states = [span.state_tensor() for span in spans]  # (2K + 2,) each
-        values = torch.cat([s.to(states[0].device) for s in states]).tolist()
-        size = len(values) // len(spans)
-        for i, span in enumerate(spans):
-            span.set_state(values[i * size:(i + 1) * size])
+        construction, by ``clamp_spans`` (after each optimizer step), after
+        ``load_state_dict``, and by ``forward`` when any span parameter was written since
+        (``AdaptiveSpan.stale``: in-place ops, ``.data`` writes, any optimizer step)."""
+        refresh_spans(self._static_spans())
 
     def head_spans(self) -> List[List[int]]:
         """Per layer, per head: positions with a non-zero mask (L without adaptive span)."""

@@ -1,6 +1,6 @@
 """A drop-in causal self-attention with adaptive span, for models other than ours.
 
-    from adaptive_span import AdaptiveSpanAttention
+    from span_attention import AdaptiveSpanAttention
     attn = AdaptiveSpanAttention(hidden_size=H, nheads=K, max_span=L, ramp=32)
     y = attn(x, key_padding_mask=None)      # x (B, T, H) -> y (B, T, H)
     loss = task_loss + attn.span_loss()
@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptive_span import AdaptiveSpan, DynamicSpan, head_window
-from attention import band_logits, band_read, plan_groups
+from attention import attention_weights, band_logits, band_read, outside_windows, plan_groups
 
 
 def valid_band(key_padding_mask: Optional[torch.Tensor], B: int, T: int, W: int,
@@ -95,29 +95,30 @@ class AdaptiveSpanAttention(nn.Module):
         else:
             windows = self.span.head_windows()  # cached, recomputed once per update
         longest = head_window(T, L)  # no window needs more than the sequence
-        groups, _ = plan_groups(tuple(min(w, longest) for w in windows), B, T, D)
+        windows = tuple(min(w, longest) for w in windows)
+        groups, _ = plan_groups(windows, B, T, D)
         out = q.new_empty(B, K, T, D)  # (B, K, T, D)
         for W, chunk, heads in groups:
             idx = heads if isinstance(heads, slice) else torch.tensor(heads, device=x.device)
             mask = self.span.mask(W)  # (K, 1, W), or (B, K, T, W) dynamic
             mask = mask[:, idx] if self.dynamic else mask[idx]  # (G, 1, W) or (B, G, T, W)
+            own = windows[heads] if isinstance(heads, slice) else [windows[j] for j in heads]
             out[:, idx] = self._group(q[:, idx], k[:, idx], v[:, idx], W, chunk, mask,
-                                      key_padding_mask)  # (B, G, T, D)
+                                      key_padding_mask, outside_windows(own, W, x.device))  # (B, G, T, D)
         return self.out(out.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
 
     def _group(self, q, k, v, W: int, chunk: int, mask: torch.Tensor,
-               key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+               key_padding_mask: Optional[torch.Tensor],
+               outside: Optional[torch.Tensor]) -> torch.Tensor:
         """Attention of G heads over their last W positions: q, k, v (B, G, T, D), span mask
-        (G, 1, W) or (B, G, T, W) -> (B, G, T, D)."""
+        (G, 1, W) or (B, G, T, W), ``outside`` (G, 1, W) the columns beyond a head's own
+        window or None -> (B, G, T, D)."""
         B, G, T, D = q.shape
         k = F.pad(k, (0, 0, W - 1, 1))  # (B, G, W+T, D): query t sees rows t..t+W-1
         v = F.pad(v, (0, 0, W - 1, 1))  # (B, G, W+T, D)
         logits = band_logits(q, k, chunk)  # (B, G, T, W)
         logits = logits + torch.matmul(q, self.key_pe[:, :, self.max_span - W:].unsqueeze(0))  # (B, G, T, W)
-        logits = logits / math.sqrt(D)  # (B, G, T, W)
-        valid = valid_band(key_padding_mask, B, T, W, q.device)  # (B, 1, T, W)
-        logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)  # (B, G, T, W)
-        probs = F.softmax(logits, dim=-1) * mask  # (B, G, T, W)
-        probs = probs / (probs.sum(-1, keepdim=True) + 1e-8)  # (B, G, T, W)
-        probs = F.dropout(probs, self.dropout, self.training)  # (B, G, T, W)
+        unseen = ~valid_band(key_padding_mask, B, T, W, q.device)  # (B, 1, T, W)
+        unseen = unseen if outside is None else unseen | outside  # (B, G, T, W)
+        probs, _ = attention_weights(logits, D, mask, None, unseen, self.dropout, self.training)  # (B, G, T, W)
         return band_read(probs, v, chunk)  # (B, G, T, D)

@@ -16,7 +16,7 @@ positions each head can see (its window), so a token costs the projections of on
 position plus O(window x head dim) per head. ``--no-kv-cache`` keeps the full
 recomputation instead: ``model(x, caches)`` carries hidden states and re-projects the
 keys and values of every cached position at every token (same log-probabilities up to
-float rounding, about 1e-5). ``--num-samples N`` draws N continuations of the prompt in
+float rounding: 1e-5 in float32, see docs/evaluation.md). ``--num-samples N`` draws N continuations of the prompt in
 one batch (the prompt is run once); with N = 1 the sample is streamed, with N > 1 the
 samples are printed one after another, each after a ``=== sample i/N ===`` line. The
 prompt and the samples are printed decoded (bytes, enwik8 bytes, text8 characters with

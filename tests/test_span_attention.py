@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import span_attention  # noqa: E402
-from adaptive_span import AdaptiveSpanAttention  # noqa: E402
+from span_attention import AdaptiveSpanAttention  # noqa: E402
 from numeric import assert_matches_finite_differences  # noqa: E402
 
 
