@@ -57,16 +57,19 @@ class Vocab:
         lines = " ".join(words).split(EOS)
         return "\n".join(line.strip() for line in lines)
 
+    def words(self, text: str) -> List[str]:
+        """The tokens of ``text`` in this vocabulary's style (some may be outside it)."""
+        if self.style == "bytes":
+            return [str(b) for b in text.encode("utf-8")]
+        if self.style == "enwik8":
+            return [EOS if b == 10 else str(b) for b in text.encode("utf-8")]
+        if self.style == "chars":
+            return [EOS if c == "\n" else ("_" if c == " " else c) for c in text]
+        return [w for line in text.split("\n") for w in line.split() + [EOS]][:-1]
+
     def encode(self, text: str) -> List[int]:
         index = {w: i for i, w in enumerate(self.idx2word)}
-        if self.style == "bytes":
-            words = [str(b) for b in text.encode("utf-8")]
-        elif self.style == "enwik8":
-            words = [EOS if b == 10 else str(b) for b in text.encode("utf-8")]
-        elif self.style == "chars":
-            words = [EOS if c == "\n" else ("_" if c == " " else c) for c in text]
-        else:
-            words = [w for line in text.split("\n") for w in line.split() + [EOS]][:-1]
+        words = self.words(text)
         missing = sorted({w for w in words if w not in index})
         if missing:
             raise ConfigError(f"the prompt has tokens outside the vocabulary: {missing[:10]}")
