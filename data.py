@@ -27,6 +27,7 @@ from utils import ConfigError
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
+DATASETS = ("enwik8", "text8", "wikitext-103")  # what scripts/get_data.sh prepares
 CHUNK_BYTES = 1 << 25  # tokenise in pieces of 32 MB
 
 
@@ -292,8 +293,10 @@ def _build(path: Path, cfg: DataConfig) -> Corpus:
 def check_data_path(cfg: DataConfig) -> Path:
     path = Path(cfg.path)
     if not path.exists():
-        raise ConfigError(f"--data {cfg.path}: no such file or folder. Prepare a dataset with "
-                          f"`bash scripts/get_data.sh enwik8 {cfg.path}`, or give any text file")
+        known = [name for name in DATASETS if name in path.name]
+        dataset = known[0] if len(known) == 1 else "{" + "|".join(DATASETS) + "}"
+        raise ConfigError(f"--data {cfg.path}: no such file or folder. Prepare a dataset into it with "
+                          f"`bash scripts/get_data.sh {dataset} {cfg.path}`, or give any text file")
     if path.is_dir() and _sources(path) is None:
         raise ConfigError(f"--data {cfg.path}: the folder has neither train.txt/valid.txt/test.txt nor "
                           "wiki.{train,valid,test}.tokens; prepare it with scripts/get_data.sh")
