@@ -290,6 +290,16 @@ def _build(path: Path, cfg: DataConfig) -> Corpus:
     return Corpus(Vocab(idx2word, style), **arrays)
 
 
+def trained_token_ids(corpus: Corpus) -> Optional[List[int]]:
+    """The ids that occur in the training split, for a vocabulary of all 256 bytes (a text
+    file): what a checkpoint keeps as ``vocab['seen']`` so that generation can name the
+    prompt bytes the model never saw. None for the other vocabularies, built from the text."""
+    if corpus.vocab.style != "bytes":
+        return None
+    counts = np.bincount(corpus.train, minlength=len(corpus.vocab))  # (V,)
+    return np.flatnonzero(counts).tolist()
+
+
 def check_data_path(cfg: DataConfig) -> Path:
     path = Path(cfg.path)
     if not path.exists():

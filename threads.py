@@ -34,6 +34,16 @@ def busy_cores(cores: int) -> int:
     return min(cores, int(load + 0.5))
 
 
+def local_world_size() -> int:
+    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, else SLURM's tasks
+    per node (``8`` or ``8(x2)``), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0].split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def choose_threads(requested: int, local_world_size: int) -> int:
     """The torch thread count of one process (rule in the module docstring)."""
     if requested > 0:

@@ -24,7 +24,6 @@ prompt and the samples are printed decoded (bytes, enwik8 bytes, text8 character
 """
 import argparse
 import codecs
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import main as entry  # noqa: E402
 from data import EOS, DataConfig, Vocab, load_corpus, split_sizes  # noqa: E402
 from inference import KVCache  # noqa: E402
 from models import TransformerSeq  # noqa: E402
-from threads import apply_threads  # noqa: E402
+from threads import apply_threads, local_world_size  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 
@@ -191,7 +190,7 @@ def trained_ids(ckpt: dict, vocab: Vocab) -> Optional[set]:
     (then nothing is checked) and for the other vocabularies (built from the text)."""
     if vocab.style != "bytes":
         return None
-    if "seen" in ckpt["vocab"]:
+    if ckpt["vocab"].get("seen") is not None:
         return set(ckpt["vocab"]["seen"])
     data = ckpt.get("config", {}).get("data", {})
     path = Path(data.get("path") or "")
@@ -329,7 +328,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         raise ConfigError("--length and --top-k must not be negative")
     if args.num_samples < 1:
         raise ConfigError("--num-samples must be at least 1")
-    threads = apply_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = apply_threads(args.threads, local_world_size())
     model, vocab, block, seen = load(args, entry.explicit_flags(parser, argv))
     model.to(pick_device(args.device))
     write_samples(args, model, vocab, prompt_ids(vocab, args.prompt, seen), block, threads)

@@ -93,3 +93,22 @@ def test_help_defaults_are_exact():
     assert "(default: off, the key/value cache is used)" in block and "(default: on)" not in block
     block = text[text.index("--threads"):]
     assert "(default: 0, chosen by threads.py" in block and block.count("(default") >= 1
+
+
+def test_checkpoint_record_of_trained_bytes(tmp_path, capsys):
+    """data.trained_token_ids (what main.py keeps as vocab['seen']) is what generate.py reads first."""
+    import numpy as np
+    from data import Corpus, trained_token_ids
+    train = np.frombuffer(b"hello world", np.uint8)
+    corpus = Corpus(BYTES, train, train[:0], train[:0])
+    seen = trained_token_ids(corpus)
+    assert seen == sorted(set(b"hello world"))
+    words = Corpus(Vocab(["a", EOS], "words"), np.zeros(3, np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.uint8))
+    assert trained_token_ids(words) is None
+    ckpt = {"vocab": {"idx2word": BYTES.idx2word, "style": "bytes", "seen": seen},
+            "config": {"data": {"path": str(tmp_path / "gone.txt")}}}  # the file is not needed
+    assert generate.trained_ids(ckpt, BYTES) == set(b"hello world")
+    generate.prompt_ids(BYTES, "hello €", generate.trained_ids(ckpt, BYTES))
+    assert warnings(capsys.readouterr().err) == [
+        "warning: --prompt: 3 of its 9 bytes ('€') are never in the training text: the model has not "
+        "learned them"]

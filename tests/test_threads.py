@@ -92,3 +92,13 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(threads.__file__))
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_local_world_size_from_torchrun_or_slurm(monkeypatch):
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert threads.local_world_size() == 1
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    assert threads.local_world_size() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's wins
+    assert threads.local_world_size() == 4
