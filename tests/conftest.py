@@ -102,14 +102,17 @@ def reference_data(tmp_path_factory):
 # ---- the quick tier ---------------------------------------------------------------------
 # `pytest -m "not slow"` leaves out these tests (every case of each function): those with a case
 # that took 5 s or more in `OMP_NUM_THREADS=1 python -m pytest -q --durations=0` (2 cores shared
-# with other jobs, load average 5-6, torch 2.13.0 CPU, 2026-12-07; 811 of the suite's 906 s).
-# They start main.py, torchrun or torch.compile. CI runs everything (`pytest`).
+# with other jobs, load average 5-6, torch 2.13.0 CPU, 2026-12-07; 811 of the suite's 906 s), and
+# the others of a module fixture they share (test_study's quick grid, test_distributed's two-rank
+# run), which would pay for it otherwise. They start main.py, torchrun or torch.compile.
+# CI runs everything (`pytest`).
 SLOW = {
     "test_bad_input.py": ["test_ctrl_c_through_the_launch_script_saves_without_a_traceback",
                           "test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_exactly",
                           "test_launch_script_ends_with_the_workers_error_line"],
     "test_compile.py": ["test_compiled_layers_give_the_eager_losses_with_few_graphs"],
     "test_distributed.py": ["test_a_dying_rank_ends_the_job_with_its_traceback",
+                            "test_sigterm_under_torchrun_writes_a_two_rank_checkpoint",
                             "test_full_evaluation_on_two_ranks_sums_nll_and_counts",
                             "test_resume_with_another_global_batch_is_a_one_line_error",
                             "test_two_rank_checkpoint_resumes_on_one_rank",
@@ -127,7 +130,7 @@ SLOW = {
     "test_scripts_viz.py": ["test_generation_is_reproducible_with_a_seed"],
     "test_span_attention.py": ["test_trains_inside_a_gpt_style_model"],
     "test_study.py": ["test_gpu_dry_run_prints_each_runs_flags", "test_other_flags_in_the_same_out_is_an_error",
-                      "test_quick_grid_results", "test_report_only_trains_nothing",
+                      "test_quick_grid_results", "test_quick_report_and_figures", "test_report_only_trains_nothing",
                       "test_rerun_skips_finished_and_resumes"],
 }
 
