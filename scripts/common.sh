@@ -13,9 +13,11 @@
 #   --gpus G        processes (GPUs) for torchrun, a positive integer; default: GPUs listed by
 #                   nvidia-smi, or 1
 #   --eval          only evaluate the checkpoint (e.g. a pretrained one from get_pretrained.sh)
-#   --dry-run       no data, no training: run `python main.py ... --dry-run` for each training
-#                   phase, which checks the flags and prints the parameter count; print the
-#                   evaluation command
+#   --dry-run       no download, no training: run `python main.py ... --dry-run` for each
+#                   training phase, which checks the flags and prints the parameter count (with
+#                   the published vocabulary, or that of your --data / DATA_DIR where it
+#                   exists); print the two evaluation commands (with, then without
+#                   --reference-eval)
 #   --print-flags   print the main.py flags of each training phase, one line per phase
 #                   (for scripts/slurm.sh) and exit
 #   --data PATH     train on your own text: a text file (read as bytes, split 90/5/5) or a
