@@ -2,6 +2,7 @@
 (also for scripts/generate.py and scripts/study.py), and --dry-run's report."""
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -11,12 +12,15 @@ from settings import Settings
 from utils import ConfigError, DistInfo, barrier
 
 
-def use_threads(requested: int) -> int:
-    """--threads N: N torch threads per process when N > 0, else torch's own number; the
-    number in use."""
-    if requested > 0:
-        torch.set_num_threads(requested)
-    return torch.get_num_threads()
+def use_threads(requested: int, ckpt: Optional[dict] = None) -> str:
+    """Set torch's CPU threads (threads.py) and return the text of the parameters line. A
+    resumed run keeps the count of the run it continues unless --threads or OMP_NUM_THREADS
+    says otherwise: CPU sums round differently with another count, and a resume is bitwise."""
+    import threads
+    if requested <= 0 and ckpt and ckpt.get("threads") and threads.source(0) == "cores":
+        torch.set_num_threads(int(ckpt["threads"]))
+        return f"threads: {ckpt['threads']} (as the run this one resumes)"
+    return threads.apply_threads(requested, threads.local_world_size())
 
 
 def load_data(cfg: DataConfig, dist: DistInfo) -> Corpus:

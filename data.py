@@ -26,6 +26,7 @@ from tokenizer import EOS, SPLITS, IdSink, frequency_remap, sort_by_frequency, t
 from utils import ConfigError
 
 COPY_BYTES = 1 << 22  # a plain file is copied into its cache in pieces of 4 MB
+DATASETS = ("enwik8", "text8", "wikitext-103")  # what scripts/get_data.sh prepares
 
 
 @dataclass
@@ -47,16 +48,19 @@ class Vocab:
         lines = " ".join(words).split(EOS)
         return "\n".join(line.strip() for line in lines)
 
+    def words(self, text: str) -> List[str]:
+        """The tokens of ``text`` in this vocabulary's style (some may be outside it)."""
+        if self.style == "bytes":
+            return [str(b) for b in text.encode("utf-8")]
+        if self.style == "enwik8":
+            return [EOS if b == 10 else str(b) for b in text.encode("utf-8")]
+        if self.style == "chars":
+            return [EOS if c == "\n" else ("_" if c == " " else c) for c in text]
+        return [w for line in text.split("\n") for w in line.split() + [EOS]][:-1]
+
     def encode(self, text: str) -> List[int]:
         index = {w: i for i, w in enumerate(self.idx2word)}
-        if self.style == "bytes":
-            words = [str(b) for b in text.encode("utf-8")]
-        elif self.style == "enwik8":
-            words = [EOS if b == 10 else str(b) for b in text.encode("utf-8")]
-        elif self.style == "chars":
-            words = [EOS if c == "\n" else ("_" if c == " " else c) for c in text]
-        else:
-            words = [w for line in text.split("\n") for w in line.split() + [EOS]][:-1]
+        words = self.words(text)
         missing = sorted({w for w in words if w not in index})
         if missing:
             raise ConfigError(f"the prompt has tokens outside the vocabulary: {missing[:10]}")
@@ -180,11 +184,23 @@ def _build(path: Path, cfg: DataConfig, folder: Path) -> Corpus:
     return Corpus(vocab, **arrays)
 
 
+def trained_token_ids(corpus: Corpus) -> Optional[List[int]]:
+    """The ids that occur in the training split, for a vocabulary of all 256 bytes (a text
+    file): what a checkpoint keeps as ``vocab['seen']`` so that generation can name the
+    prompt bytes the model never saw. None for the other vocabularies, built from the text."""
+    if corpus.vocab.style != "bytes":
+        return None
+    counts = np.bincount(corpus.train, minlength=len(corpus.vocab))  # (V,)
+    return np.flatnonzero(counts).tolist()
+
+
 def check_data_path(cfg: DataConfig) -> Path:
     path = Path(cfg.path)
     if not path.exists():
-        raise ConfigError(f"--data {cfg.path}: no such file or folder. Prepare a dataset with "
-                          f"`bash scripts/get_data.sh enwik8 {cfg.path}`, or give any text file")
+        known = [name for name in DATASETS if name in path.name]
+        dataset = known[0] if len(known) == 1 else "{" + "|".join(DATASETS) + "}"
+        raise ConfigError(f"--data {cfg.path}: no such file or folder. Prepare a dataset into it with "
+                          f"`bash scripts/get_data.sh {dataset} {cfg.path}`, or give any text file")
     if path.is_dir() and _sources(path) is None:
         raise ConfigError(f"--data {cfg.path}: the folder has neither train.txt/valid.txt/test.txt nor "
                           "wiki.{train,valid,test}.tokens; prepare it with scripts/get_data.sh")

@@ -54,11 +54,11 @@ def run(s: Settings, explicit: set) -> int:
 
     s.check_ranges()  # each flag on its own, before any file is read
     dist = init_distributed(s.run.device)
-    use_threads(s.run.threads)
     log = log_to(dist)
     checkpoint_lock.hold_for_training(s.run.checkpoint, dist,
                                       training=not (s.run.full_eval_mode or s.run.dry_run))
     ckpt = read_checkpoint(s, explicit, log)
+    threads = use_threads(s.run.threads, ckpt)
     check_flags(s)
     if s.run.dry_run:
         return dry_run(s, log)
@@ -78,7 +78,7 @@ def run(s: Settings, explicit: set) -> int:
     ddp_model = wrap_ddp(model, dist)
     n = model.num_parameters()
     log(f"params: {n:,} ({n / 1e6:.2f}M) vocab: {len(corpus.vocab)} ranks: {dist.world_size} "
-        f"device: {dist.device}")
+        f"device: {dist.device} {threads}")
     if s.run.full_eval_mode:
         code = full_eval(s, ddp_model, model, corpus, dist, log)
     else:

@@ -19,6 +19,7 @@ from typing import List
 import torch
 
 from checkpoint import FORMAT, is_reference, previous_path
+from data import trained_token_ids
 from models import from_reference_state_dict
 from optim import build_optimizer
 from settings import Settings
@@ -33,6 +34,7 @@ class TrainState:
         self.trainer = Trainer(ddp_model, model, self.optimizer, settings.train, dist, corpus.train, corpus.valid)
         self.fingerprint = corpus.fingerprint  # the data's size and sha256
         self.vocab = corpus.vocab
+        self.seen = trained_token_ids(corpus)  # byte ids in the training split (generation's warning)
         self.done = 0  # completed iterations
         self.history = {}  # the logged figures: name -> one value per iteration
 
@@ -55,8 +57,14 @@ class TrainState:
                 "nonfinite": [t.nonfinite_in_row, t.nonfinite_total],
                 "world_size": len(ranks), "ranks": ranks,
                 "scaler": t.scaler.state_dict() if t.scaler else {},
-                "config": config, "vocab": {"idx2word": self.vocab.idx2word, "style": self.vocab.style},
+                "config": config, "threads": torch.get_num_threads(),  # a resume keeps the count
+                "vocab": self._vocab(),
                 "iter_no": self.done - 1, "logger": self.history}
+
+    def _vocab(self) -> dict:
+        """The vocabulary; for a byte vocabulary also the ids the training split holds."""
+        vocab = {"idx2word": self.vocab.idx2word, "style": self.vocab.style}
+        return vocab if self.seen is None else {**vocab, "seen": self.seen}
 
     def _rank_state(self) -> dict:
         t = self.trainer

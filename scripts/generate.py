@@ -29,20 +29,23 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoint as ckpt_io  # noqa: E402
+import corpus_cache  # noqa: E402
 import flags  # noqa: E402
 from build import build_model  # noqa: E402
 from checks import check_flags  # noqa: E402
-from data import EOS, DataConfig, Vocab, load_corpus  # noqa: E402
+from data import EOS, DataConfig, Vocab, load_corpus, split_sizes  # noqa: E402
 from inference import KVCache  # noqa: E402
 from models import TransformerSeq  # noqa: E402
 from settings import Settings  # noqa: E402
 from train_state import load_model_state  # noqa: E402
+from threads import apply_threads, local_world_size  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 
@@ -59,10 +62,13 @@ def build_parser():
     own.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     own.add_argument("--seed", type=int, default=1111, help="random seed of the sampling")
     own.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
-                     help="recompute keys and values of the whole cache at every token (slow; for checking)")
+                     help="recompute the keys and values of the whole cache at every token instead of "
+                          "keeping them (slower; to check the key/value cache against) (default: off, "
+                          "the key/value cache is used)")
     own.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
-    own.add_argument("--threads", type=int, default=1,
-                     help="CPU threads (one-token steps are too small to gain from more; 0: torch's default)")
+    own.add_argument("--threads", type=int, default=0,
+                     help="CPU threads (default: 0, chosen by threads.py: $OMP_NUM_THREADS where set, "
+                          "else the cores of this process that other processes leave free)")
     title = "model (main.py's flags; only for a reference checkpoint: ours carry their configuration)"
     flags.add_flag_groups(p, ("data",) + flags.MODEL_GROUPS, title=title)
     flags.add_flag_groups(p, hidden=True)  # the training flags: parsed, not listed
@@ -179,12 +185,32 @@ def generate(model: TransformerSeq, prompt: List[int], length: int, block: int, 
 
 
 # ---- loading -------------------------------------------------------------------------
-def load(args, explicit: set) -> Tuple[TransformerSeq, Vocab, int]:
-    """The model in eval mode, its vocabulary and block size."""
+def trained_ids(ckpt: dict, vocab: Vocab) -> Optional[set]:
+    """Ids of the tokens that occur in the training text, where the vocabulary does not
+    say: a text file read as bytes has all 256 bytes in its vocabulary. From the
+    checkpoint's ``vocab['seen']`` where it holds it, else from the training file at
+    the recorded path while its fingerprint is unchanged; None where neither is at hand
+    (then nothing is checked) and for the other vocabularies (built from the text)."""
+    if vocab.style != "bytes":
+        return None
+    if ckpt["vocab"].get("seen") is not None:
+        return set(ckpt["vocab"]["seen"])
+    data = ckpt.get("config", {}).get("data", {})
+    path = Path(data.get("path") or "")
+    if not path.is_file() or corpus_cache.fingerprint([path]) != data.get("fingerprint"):
+        return None
+    raw = np.fromfile(path, dtype=np.uint8)  # (N,)
+    n_train = split_sizes(len(raw), data.get("split") or DataConfig("").split)[0]
+    return set(np.unique(raw[:n_train]).tolist())
+
+
+def load(args, explicit: set) -> Tuple[TransformerSeq, Vocab, int, Optional[set]]:
+    """The model in eval mode, its vocabulary, block size and ``trained_ids``."""
     if not args.checkpoint:
         raise ConfigError("--checkpoint PATH is required")
     ckpt = ckpt_io.require_checkpoint(args.checkpoint, log=lambda msg: print(msg, file=sys.stderr))
     settings = Settings.from_args(args)
+    seen = None
     if ckpt_io.is_reference(ckpt):
         if "data" not in explicit:
             raise ConfigError("a reference checkpoint carries no vocabulary: give --data DIR (its "
@@ -192,11 +218,12 @@ def load(args, explicit: set) -> Tuple[TransformerSeq, Vocab, int]:
         vocab = load_corpus(DataConfig(settings.data.path, sort_by_freq=settings.model.adapt_io)).vocab
     else:
         settings.merge_saved(ckpt["config"], explicit, args.checkpoint)
-        vocab = Vocab(**ckpt["vocab"])
+        vocab = Vocab(ckpt["vocab"]["idx2word"], ckpt["vocab"]["style"])
+        seen = trained_ids(ckpt, vocab)
     check_flags(settings)
     model, _ = build_model(settings, len(vocab), "cpu")
     load_model_state(model, ckpt, args.checkpoint)
-    return model.eval(), vocab, settings.train.block_size
+    return model.eval(), vocab, settings.train.block_size, seen
 
 
 def pick_device(name: str) -> torch.device:
@@ -205,28 +232,65 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def prompt_ids(vocab: Vocab, prompt: str) -> List[int]:
+UNIT = {"bytes": "bytes", "enwik8": "bytes", "chars": "characters", "words": "words"}
+
+
+def shown_tokens(vocab: Vocab, prompt: str, bad: set, most: int = 10) -> str:
+    """The prompt's characters (byte vocabularies: those holding a byte of ``bad``) or
+    words in ``bad``, in order, once each, at most ``most`` of them."""
+    if vocab.style in ("bytes", "enwik8"):
+        items = [c for c in dict.fromkeys(prompt) if set(vocab.words(c)) & bad]
+    else:
+        items = [w for w in dict.fromkeys(vocab.words(prompt)) if w in bad]
+    text = " ".join(repr(" " if w == "_" and vocab.style == "chars" else w) for w in items[:most])
+    return text + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def prompt_ids(vocab: Vocab, prompt: str, seen: Optional[set] = None) -> List[int]:
+    """The prompt's token ids. Tokens outside the vocabulary are left out (``<unk>``
+    where the vocabulary has one), and with those the training text never holds
+    (``seen``, see trained_ids) named on one ``warning:`` line on stderr."""
     if prompt:
-        return vocab.encode(prompt)
+        index = {w: i for i, w in enumerate(vocab.idx2word)}
+        words = vocab.words(prompt)
+        outside = {w for w in words if w not in index}
+        unseen = {w for w in words if seen is not None and w in index and index[w] not in seen}
+        problems = []
+        for bad, what in ((outside, "not in the vocabulary, " + ("given as <unk>" if "<unk>" in index
+                                                                  else "left out")),
+                          (unseen, "never in the training text: the model has not learned them")):
+            count = sum(w in bad for w in words)
+            if count:
+                problems.append(f"{count} of its {len(words)} {UNIT[vocab.style]} ({shown_tokens(vocab, prompt, bad)}) "
+                                f"are {what}")
+        if problems:
+            print(f"warning: --prompt: {'; '.join(problems)}", file=sys.stderr)
+        ids = [index.get(w, index.get("<unk>")) for w in words]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise ConfigError("--prompt: none of its tokens is in the model's vocabulary; give a prompt "
+                              "in the language of the training text")
+        return ids
     if EOS not in vocab.idx2word:
         raise ConfigError("this vocabulary has no <eos> to start from; give --prompt TEXT")
     return [vocab.idx2word.index(EOS)]
 
 
 def report_speed(prompt_len: int, steps: int, samples: int, start: float, first: float,
-                 end: float) -> None:
-    """The prompt time and the sampling rate, on stderr."""
+                 end: float, threads: str = "") -> None:
+    """The prompt time, the sampling rate and the threads used, on stderr."""
     rate = (steps - 1) / (end - first) if steps > 1 else float("nan")
     if samples == 1:
         done = f"{steps - 1} tokens in {end - first:.2f} s ({rate:.1f} tokens/s)"
     else:
         done = (f"{steps - 1} steps of {samples} samples in {end - first:.2f} s ({rate:.1f} steps/s, "
                 f"{rate * samples:.1f} tokens/s)")
-    print(f"prompt of {prompt_len} tokens and first token: {first - start:.3f} s; then {done}",
-          file=sys.stderr)
+    print(f"prompt of {prompt_len} tokens and first token: {first - start:.3f} s; then {done}"
+          f"{'; ' + threads if threads else ''}", file=sys.stderr)
 
 
-def write_samples(args, model: TransformerSeq, vocab: Vocab, ids: List[int], block: int) -> None:
+def write_samples(args, model: TransformerSeq, vocab: Vocab, ids: List[int], block: int,
+                  threads: str = "") -> None:
     """Sample and print: streamed for one sample, else the samples one after another."""
     n = args.num_samples
     decoder = StreamDecoder(vocab)
@@ -257,7 +321,7 @@ def write_samples(args, model: TransformerSeq, vocab: Vocab, ids: List[int], blo
         sys.stdout.write(f"=== sample {i + 1}/{n} ===\n{text}\n")
     sys.stdout.flush()
     if steps:
-        report_speed(len(ids), steps, n, start, first, end)
+        report_speed(len(ids), steps, n, start, first, end, threads)
 
 
 def run(argv: Optional[List[str]] = None) -> int:
@@ -268,11 +332,10 @@ def run(argv: Optional[List[str]] = None) -> int:
         raise ConfigError("--length and --top-k must not be negative")
     if args.num_samples < 1:
         raise ConfigError("--num-samples must be at least 1")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    model, vocab, block = load(args, flags.explicit_flags(argv))
+    threads = apply_threads(args.threads, local_world_size())
+    model, vocab, block, seen = load(args, flags.explicit_flags(argv))
     model.to(pick_device(args.device))
-    write_samples(args, model, vocab, prompt_ids(vocab, args.prompt), block)
+    write_samples(args, model, vocab, prompt_ids(vocab, args.prompt, seen), block, threads)
     return 0
 
 

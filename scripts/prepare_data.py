@@ -219,6 +219,9 @@ def download(url: str, dest: Path) -> None:
     except OSError as err:  # urllib's URLError is an OSError
         part.unlink(missing_ok=True)
         raise ArchiveError(f"download of {url} failed ({err})") from None
+    except BaseException:  # Ctrl-C: no partial file either
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, dest)
 
 
@@ -267,11 +270,14 @@ def existing_state(out: Path, name: str, test_size: Optional[int]) -> bool:
         done = info.get("test_size")
         if test_size is not None and done is not None and done != test_size:
             raise PrepError(f"{out} was prepared with --test-size {done}, not {test_size}; "
-                            f"delete it or choose another folder")
+                            f"give another folder for --test-size {test_size}")
         if test_size is None and done not in (None, 5_000_000):
             print(f"note: {out} was prepared with --test-size {done:,} (the standard is 5,000,000)")
         print(f"{name}: {out} is already prepared, skipping")
         return True
+    if out.is_file():
+        raise PrepError(f"{out} is a file, not a folder to prepare {name} into; main.py reads a "
+                        f"text file as it is (--data {out}), or give a new folder name")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     for pattern in ("{}.txt", "wiki.{}.tokens"):  # both are read by data.py
@@ -279,14 +285,29 @@ def existing_state(out: Path, name: str, test_size: Optional[int]) -> bool:
             print(f"{name}: {out} holds {pattern.format('{train,valid,test}')} without {MARKER} "
                   f"(made by another tool?); using it as is")
             return True
-    raise PrepError(f"{out} exists but is not a complete prepared folder; delete it and rerun")
+    raise PrepError(f"{out} holds other files and is not a complete prepared folder (no {MARKER}, "
+                    f"no train/valid/test files); it is left as it is: give a new folder name")
 
 
 def prepare_one(name: str, out: Path, archive: Optional[Path], test_size: Optional[int]) -> None:
     if existing_state(out, name, test_size):
         return
     n = 5_000_000 if test_size is None else test_size
+    made = [p for p in reversed(out.parents) if not p.exists()]  # folders this run creates
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_into(name, out, archive, n)
+    except BaseException:  # a failed or interrupted run leaves no folder it made
+        for folder in reversed(made):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    print(f"{name}: done -> {out}")
+
+
+def prepare_into(name: str, out: Path, archive: Optional[Path], n: int) -> None:
+    """Fetch (unless ``archive`` is given) and prepare ``name`` into ``out`` (absent or empty),
+    through a temporary sibling folder renamed at the end."""
     if archive is None:
         archive = fetch(name, out)
     elif not archive.is_file():
@@ -305,7 +326,6 @@ def prepare_one(name: str, out: Path, archive: Optional[Path], test_size: Option
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{name}: done -> {out}")
 
 
 def fill_folder(name: str, archive: Path, tmp: Path, test_size: int) -> dict:

@@ -406,3 +406,123 @@ def test_dry_run_of_a_launch_script():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert re.findall(r"\((\d+\.\d+)M\)", res.stdout) == ["208.91", "208.91"]
     assert "--full-eval-mode --batch-sz 8 --reference-eval" in res.stdout
+
+
+# --------------------------------------------------------------------------- your own data
+def fake_python(tmp_path: Path):
+    """A PYTHON that logs its arguments (prepare_data.py runs for real); the log path."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "fakepython").write_text(FAKE.format(python=sys.executable, log=log))
+    (bin_dir / "fakepython").chmod(0o755)
+    return str(bin_dir / "fakepython"), log
+
+
+def launch_in(tmp_path, script, *args, env=None):
+    """scripts/<script>.sh run from a copy of the repository's scripts folder in tmp_path/repo
+    (so that the default data/ and checkpoints/ land there), with a logging PYTHON."""
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        shutil.copytree(SCRIPTS, repo / "scripts")
+    python, log = fake_python(tmp_path)
+    res = run(["bash", str(repo / "scripts" / f"{script}.sh"), *map(str, args)],
+              env={"PYTHON": python, **(env or {})}, cwd=tmp_path)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return res, calls, repo
+
+
+def data_flags(calls):
+    return [parse_flags(c).get("--data") for c in calls]
+
+
+def test_own_text_file_skips_download(tmp_path):
+    """--data FILE and DATA_DIR=FILE: no get_data.sh, the file in every command, unchanged."""
+    text = tmp_path / "code.txt"
+    text.write_bytes(b"def f():\n    return 1\n" * 100)
+    res, calls, repo = launch_in(tmp_path, "enwik8_small", "--data", text)
+    assert res.returncode == 0, res.stderr
+    assert "is a text file: used as it is" in res.stdout and "get_data" not in res.stdout
+    assert data_flags(calls) == [str(text)] * 3 and not (repo / "data").exists()
+    res, calls, _ = launch_in(tmp_path, "text8", "--eval", env={"DATA_DIR": str(text)})
+    assert res.returncode == 0, res.stderr
+    assert data_flags(calls)[-2:] == [str(text)] * 2
+    assert "delete" not in res.stdout + res.stderr
+    assert text.read_bytes() == b"def f():\n    return 1\n" * 100
+
+
+def test_own_prepared_folder_is_used_as_it_is(tmp_path, enwik8_folder):
+    res, calls, repo = launch_in(tmp_path, "enwik8", f"--data={enwik8_folder}", "--eval")
+    assert res.returncode == 0, res.stderr
+    assert "already prepared" in res.stdout and data_flags(calls) == [str(enwik8_folder)] * 2
+    assert not (repo / "data").exists()
+
+
+def test_bad_own_data_is_one_error_that_changes_nothing(tmp_path):
+    missing = tmp_path / "nope.txt"
+    res, calls, repo = launch_in(tmp_path, "enwik8_small", "--data", missing)
+    assert res.returncode == 2 and calls == []
+    assert res.stderr.strip().splitlines() == [
+        f"error: --data {missing}: no such file or folder. Give a text file or a prepared folder, "
+        "or leave --data out to download and prepare enwik8 into data/enwik8"]
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.md").write_text("keep me")
+    for args, env in ((["--data", other], {}), ([], {"DATA_DIR": str(other)})):
+        res, calls, _ = launch_in(tmp_path, "enwik8_small", *args, env=env)
+        assert res.returncode == 2 and calls == [] and len(res.stderr.strip().splitlines()) == 1
+        assert "delete" not in res.stderr and str(other) in res.stderr
+    assert [p.name for p in other.iterdir()] == ["mine.md"] and not (repo / "data").exists()
+
+
+def test_failed_preparation_leaves_no_data_folder(tmp_path):
+    """The default data/enwik8 with no network: the download fails; no data/ is left."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tools(bin_dir, {"curl": 'echo "curl: (7) Failed to connect" >&2; exit 7'})
+    res, calls, repo = launch_in(tmp_path, "enwik8", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert res.returncode != 0 and calls == []
+    assert "get_data.sh: error: enwik8: download" in res.stderr and "delete" not in res.stderr
+    assert sorted(p.name for p in repo.iterdir()) == ["scripts"]
+
+
+def test_prepare_one_removes_the_folders_it_made(tmp_path, monkeypatch):
+    def offline(url, dest):
+        raise prepare_data.ArchiveError(f"download of {url} failed (offline)")
+    monkeypatch.setattr(prepare_data, "download", offline)
+    with pytest.raises(prepare_data.ArchiveError):
+        prepare_data.prepare_one("text8", tmp_path / "data" / "sub" / "text8", None, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_get_data_on_a_users_file_names_it_and_keeps_it(tmp_path):
+    text = tmp_path / "code.txt"
+    text.write_text("print(1)\n")
+    res = get_data("enwik8", text, "--from-archive", tmp_path / "none.zip")
+    assert res.returncode != 0 and "delete" not in res.stderr
+    assert "is a file, not a folder" in res.stderr and f"--data {text}" in res.stderr
+    assert text.read_text() == "print(1)\n"
+
+
+def test_dry_run_prints_both_evaluations(tmp_path):
+    res, calls, _ = launch_in(tmp_path, "enwik8", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert len(calls) == 1 and "--vocab-size 205" in calls[0]  # no data: the published vocabulary
+    said = res.stdout.splitlines()
+    at = next(i for i, line in enumerate(said) if line.startswith("then the two evaluations"))
+    first, second = said[at + 1].split(), said[at + 2].split()
+    assert first[-1] == "--reference-eval" and first[:-1] == second
+    text = tmp_path / "code.txt"
+    text.write_bytes(b"x = 1\n" * 100)
+    res, calls, _ = launch_in(tmp_path, "enwik8", "--dry-run", "--data", text)
+    assert res.returncode == 0 and "--vocab-size" not in calls[-1]  # read from the file
+
+
+def test_missing_data_hint_names_the_right_dataset(tmp_path):
+    from data import DataConfig, check_data_path
+    from utils import ConfigError
+    for name, dataset in (("text8", "text8"), ("wikitext-103", "wikitext-103"), ("enwik8", "enwik8"),
+                          ("corpus", "{enwik8|text8|wikitext-103}")):
+        path = tmp_path / "data" / name
+        with pytest.raises(ConfigError) as err:
+            check_data_path(DataConfig(str(path)))
+        assert f"`bash scripts/get_data.sh {dataset} {path}`" in str(err.value)
