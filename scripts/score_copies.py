@@ -25,6 +25,7 @@ import copy_score  # noqa: E402
 import planted  # noqa: E402
 from data import DataConfig, data_fingerprint, load_corpus  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
+from train_state import load_model_state  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 PROG = "score_copies.py"
@@ -56,7 +57,7 @@ def load(args):
     if args.batch_sz < 1 or args.tokens < 0:
         raise ConfigError("--batch-sz must be at least 1 and --tokens at least 0")
     model = TransformerSeq(ModelConfig(**ckpt["config"]["model"]))
-    ckpt_io.load_model_state(model, ckpt, args.checkpoint)
+    load_model_state(model, ckpt, args.checkpoint)
     return model, load_corpus(cfg), side, ckpt["config"]["train"]["block_size"]
 
 

@@ -27,13 +27,14 @@ import checkpoint as ckpt_io  # noqa: E402
 import measure  # noqa: E402  (scripts/measure.py)
 from data import DataConfig, batchify, load_corpus  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
+from train_state import load_model_state  # noqa: E402
 
 
 def training_step(ckpt_path: Path, ids):
     """A closure doing one forward and backward of the checkpoint's model on the next block."""
     ckpt = ckpt_io.load_checkpoint(ckpt_path, log=lambda msg: None)
     model = TransformerSeq(ModelConfig(**ckpt["config"]["model"]))
-    ckpt_io.load_model_state(model, ckpt, ckpt_path)
+    load_model_state(model, ckpt, ckpt_path)
     model.train()
     B, M = ckpt["config"]["train"]["batch_size"], ckpt["config"]["train"]["block_size"]
     rows = torch.from_numpy(batchify(ids, B).astype("int64"))  # (B, n)
