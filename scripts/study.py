@@ -51,7 +51,7 @@ import study_report  # noqa: E402  (scripts/study_report.py)
 from build import model_config  # noqa: E402
 from models import TransformerSeq  # noqa: E402
 from settings import Settings  # noqa: E402
-from study_presets import PRESETS, Preset, Run, build_grid, describe, run_order  # noqa: E402
+from study_presets import PRESETS, TIMING_WAIT_S, Preset, Run, build_grid, describe, run_order  # noqa: E402
 from study_run import (STOP, eval_commands, execute, stop_children,  # noqa: E402
                        train_command)
 from utils import ConfigError  # noqa: E402
@@ -177,9 +177,10 @@ def run_grid(runs: List[Run], preset: Preset, data: Path, out: Path, jobs: int) 
 
 
 # ---- after the runs: the timing phase -----------------------------------------------
-def timing_phase(preset: Preset, records: dict, data: Path, out: Path, steps: int) -> Optional[dict]:
-    """OUT/timing.json (scripts/study_timing.py on the seed-1 checkpoints), made once when every
-    timed configuration's seed-1 run has finished; None until then."""
+def timing_phase(preset: Preset, records: dict, data: Path, out: Path, wait_s: int) -> Optional[dict]:
+    """OUT/timing.json (scripts/study_timing.py on the first seed's checkpoints), made once when every
+    timed configuration's first-seed run has finished; None until then. It waits up to ``wait_s`` for
+    the load average to fall after the runs."""
     path = out / "timing.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -188,7 +189,8 @@ def timing_phase(preset: Preset, records: dict, data: Path, out: Path, steps: in
     if not names or any(records.get(n) is None for n in names) or STOP.is_set():
         return None
     cmd = [sys.executable, str(ROOT / "scripts" / "study_timing.py"), "--data", str(data), "--out", str(path),
-           "--steps", str(steps)] + [f"{c}={out / 'runs' / n / 'model.pt'}" for c, n in zip(preset.timed, names)]
+           "--steps", str(preset.timing_steps), "--idle-load", str(study_criteria.IDLE_LOAD),
+           "--wait", str(wait_s)] + [f"{c}={out / 'runs' / n / 'model.pt'}" for c, n in zip(preset.timed, names)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     if proc.returncode != 0:
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
         dry_run(runs, preset, args.preset, shown, out, args.jobs)
         return 0
     timing = None if args.report_only and not (out / "timing.json").exists() else \
-        timing_phase(preset, records, data, out, preset.timing_steps)
+        timing_phase(preset, records, data, out, wait_s=0 if args.max_steps else TIMING_WAIT_S)
     finished = [records[run.name] for run in runs if records[run.name] is not None]
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps([r["result"] for r in finished], indent=1) + "\n")

@@ -7,13 +7,14 @@ report gives mean +- sd over the seeds.
 
 Duration estimates (``estimate``) are ESTIMATED, not measured: CPU seconds per training step
 of each configuration (``step_s``, the constants below name the command that measured them)
-times the steps, plus an evaluation allowance per run and the timing phase, divided over the
-cores (``--jobs``), as if the runs packed perfectly.
+times the steps, plus an evaluation allowance per run, divided over the cores (``--jobs``) as if
+the runs packed perfectly, plus the timing phase on one core and its wait for an idle machine.
 """
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+TIMING_WAIT_S = 240  # the timing phase waits at most this long for the load average to fall after the runs
 TRAIN = ["--optim", "adagrad", "--lr", "0.07", "--momentum", "0", "--grad-clip", "0.03"]
 ADAPTIVE = ["--adapt-span", "--adapt-span-cache"]
 
@@ -98,8 +99,10 @@ LR_CONFIGS = (Config("fixed-64", 64, False), Config(f"fixed-{D}", D, False),
 LR_STEP_S = {"fixed-64": 0.10, f"fixed-{D}": 1.40, f"adaptive-{D}": 0.59, f"adaptive-{D}-ref": 0.83,
              f"allattn-{D}": 0.98}
 LR_SCORE_TOKENS = 32768  # per split (valid and test), in 4 streams of 8,192: distances up to D are seen
-# forward only over 2 x 32,768 tokens: about 1/3 of a training step's CPU per token, 512 tokens per step
-LR_EVAL_S = {name: LR_STEP_S[name] / 3 * 2 * LR_SCORE_TOKENS / 512 for name in LR_STEP_S}
+# forward only over 2 x 32,768 tokens: about 1/3 of a training step's CPU per token, 512 tokens per step;
+# plus 20 s of process start-ups (imports, checkpoint): the 3 processes of a 2-step smoke run of this
+# preset (--max-steps 2) took 9-13 CPU s to train and 4-18 s to score 15k tokens each
+LR_EVAL_S = {name: LR_STEP_S[name] / 3 * 2 * LR_SCORE_TOKENS / 512 + 20 for name in LR_STEP_S}
 LR_STEPS = 600
 LR_NOTE = (f"The planted corpus: the enwik8 prefix with copies of earlier passages planted at distances "
            f"log-uniform over [64, {D}] (scripts/plant_repeats.py, its defaults: 32-128 tokens, 20% of the "
@@ -107,7 +110,7 @@ LR_NOTE = (f"The planted corpus: the enwik8 prefix with copies of earlier passag
            f"(scripts/span_sweep.py) no head started at 0 grew past about 400 in 1,000 steps, while heads "
            f"started at 0.5 stay long; --adapt-span-loss 2e-6 pulls unused heads down (the sweep's "
            f"init0.5-loss run: median head about 1,400 after 300 steps, still falling). {LR_STEPS} steps per run: "
-           f"5 configurations x 3 seeds in about 65 minutes on 2 idle cores at the estimated step times "
+           f"5 configurations x 3 seeds in about 70 minutes on 2 idle cores at the estimated step times "
            f"(CPU seconds per step at the initial spans), leaving room under 90 minutes for spans that grow. dev/test bpc: scripts/score_copies.py on the first {LR_SCORE_TOKENS:,} tokens of valid "
            f"and of test, in 4 streams (not the whole sets).")
 
@@ -183,7 +186,7 @@ def estimate(preset: Preset, jobs: int) -> dict:
     train = sum(preset.step_s.get(c.name, math.nan) * preset.steps for c in preset.configs) * n
     evaluation = sum(preset.eval_s.get(c.name, math.nan) for c in preset.configs) * n
     timing = sum(preset.step_s.get(c, math.nan) * (preset.timing_steps * 2 + 2) for c in preset.timed)
-    minutes = (train + evaluation) / jobs / 60 + timing / 60  # the timing phase uses one core
+    minutes = (train + evaluation) / jobs / 60 + (timing + TIMING_WAIT_S) / 60  # timing: one core
     return {"train_s": train, "eval_s": evaluation, "timing_s": timing, "minutes": minutes, "jobs": jobs}
 
 
@@ -198,4 +201,5 @@ def describe(name: str, jobs: int = 2) -> str:
     return (f"{name}: {runs} = {len(p.configs) * len(p.seeds)} runs ({configs}), {p.steps} steps each; "
             f"ESTIMATED (not measured) {e['minutes']:.0f} min on {jobs} idle cores (--jobs {jobs}): "
             f"training {e['train_s'] / 60:.0f}, evaluation {e['eval_s'] / 60:.0f}, timing phase "
-            f"{e['timing_s'] / 60:.0f} CPU minutes.")
+            f"{e['timing_s'] / 60:.0f} CPU minutes, and at most {TIMING_WAIT_S // 60} min waiting for an idle "
+            "load before timing.")

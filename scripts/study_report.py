@@ -39,8 +39,9 @@ def _figure_a(records):
     series = {}
     for rec in records:
         r = rec["result"]
-        series.setdefault(r["config"].rsplit("-", 1)[0] if not r["adaptive"] else r["config"], []).append(
-            (r["attn_flops_per_token"], r["dev_bpc"], f"s{r['seed']}"))
+        kind = ("fixed span" if not r["adaptive"] else "all-attention" if r["pers_mem_size"] else
+                "adaptive, reference path" if r["config"].endswith("-ref") else "adaptive span (max L)")
+        series.setdefault(kind, []).append((r["attn_flops_per_token"], r["dev_bpc"], f"L={r['max_span']} s{r['seed']}"))
     return plots.points_plot(series, "attention FLOPs per token (forward, end of training)",
                              "dev bpc", "(a) dev bpc against attention FLOPs (every seed)")
 

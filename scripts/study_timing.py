@@ -8,6 +8,7 @@ Each checkpoint's model (with its learned spans and its --attn-impl) runs forwar
 on consecutive training blocks of --data, its cache carried, at the batch and block size it was
 trained with; no optimizer update, so the spans stay as learned while timed. Two warm-up steps
 each, then --steps repeats in which every configuration takes one step, the order alternating.
+First waits (--wait seconds at most) for the 1-minute load average to fall to --idle-load.
 Writes the median wall and CPU ms per step of each, the 1-minute load average before and after
 (a timing from a loaded machine is not a speed figure), and the process's peak RSS.
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,15 +55,26 @@ def training_step(ckpt_path: Path, ids):
     return step, {"span_avg": model.span_stats().get("span_avg"), "attn_impl": model.cfg.attn_impl}
 
 
+def wait_for_idle(load: float, seconds: float) -> float:
+    """Wait (up to ``seconds``) for the 1-minute load average to fall to ``load`` (it decays for a
+    minute or so after the study's runs end); the load average when the wait ends."""
+    end = time.time() + seconds
+    while os.getloadavg()[0] > load and time.time() < end:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, type=Path, help="the JSON file to write")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--idle-load", type=float, default=1.0, help="wait for the load average to fall to this")
+    p.add_argument("--wait", type=float, default=240, help="seconds to wait for it at most")
     p.add_argument("timed", nargs="+", help="NAME=CHECKPOINT")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    load_before = os.getloadavg()[0]
+    load_before = wait_for_idle(args.idle_load, args.wait)
     ids = load_corpus(DataConfig(args.data)).split("train")
     steps, info = {}, {}
     for spec in args.timed:
