@@ -16,8 +16,9 @@ OMP_NUM_THREADS=1 on CPU, so --jobs J uses J cores. After the runs, the timing p
 configurations, alternating in one process (OUT/timing.json, with the load average: speed
 verdicts need an idle machine). Speed is never taken from the runs' tokens/s.
 
-longrange: --data is the enwik8 prefix (a text file or enwik8.zip), planted into OUT/planted with
-scripts/plant_repeats.py before the runs, or a planted folder (with copies.json) used as it is.
+longrange: --data is the enwik8 prefix (enwik8.zip, a text file, or a folder made by
+scripts/get_data.sh enwik8), planted into OUT/planted with scripts/plant_repeats.py before the runs
+(distances up to 4096), or a planted folder (with copies.json) used as it is.
 
 Before the runs, the token cache of the data is built in a process of its own (scripts/cache_memory.py),
 so that each run's peak memory is its training alone; the build's figures go to OUT/cache_build.json
@@ -58,23 +59,43 @@ from utils import ConfigError  # noqa: E402
 
 
 # ---- before the runs: the data and the criteria --------------------------------------
+def enwik8_folder_bytes(folder: Path) -> tuple:
+    """The bytes of a reference-format enwik8 folder (train, valid, test in order: every byte as
+    its decimal value, one space between, a newline byte as a line break), and the test size."""
+    parts = []
+    for split in planted.SPLITS:
+        path = folder / f"{split}.txt"
+        try:
+            parts.append(bytes(10 if t == b"\n" else int(t) for t in path.read_bytes().split(b" ")))
+        except (OSError, ValueError):
+            raise ConfigError(f"--data {folder}: {path} is missing or not in the enwik8 format; give the enwik8 "
+                              "prefix file (e.g. ../shared/data/enwik8-4M/enwik8.zip), a folder made by "
+                              "scripts/get_data.sh enwik8, or a planted folder") from None
+    if len(parts[1]) != len(parts[2]):
+        raise ConfigError(f"--data {folder}: valid and test differ in size; give the enwik8 prefix file instead")
+    return b"".join(parts), len(parts[2])
+
+
 def planted_data(preset: Preset, data: Path, out: Path) -> Path:
     """The planted folder the longrange runs train on: --data itself when it is planted, else
-    OUT/planted, made from --data (a text file or a one-member zip) with scripts/plant_repeats.py."""
-    if data.is_dir():
-        if not (data / planted.SIDE_FILE).is_file():
-            raise ConfigError(f"--data {data} is a folder without {planted.SIDE_FILE}; give the enwik8 prefix "
-                              "file (e.g. ../shared/data/enwik8-4M/enwik8.zip) or a planted folder")
+    OUT/planted, made with scripts/plant_repeats.py from --data: a text file, a one-member zip
+    (e.g. enwik8.zip; valid and test of 200,000 bytes each), or an enwik8-format folder (its bytes
+    in order, valid and test at the folder's sizes)."""
+    if (data / planted.SIDE_FILE).is_file():
         return data
-    target = out / "planted"
+    target, source, test_size = out / "planted", data, 200_000
     if (target / planted.SIDE_FILE).is_file():
         made = json.loads((target / ".prepared.json").read_text())
-        if made["plant"]["max_distance"] != preset.planted["max_distance"] or made["source"] != str(data):
-            raise ConfigError(f"--out {out}: {target} was planted from other data or settings; use another --out")
+        if made["plant"]["max_distance"] != preset.planted["max_distance"]:
+            raise ConfigError(f"--out {out}: {target} was planted with other settings; use another --out")
         return target
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "scripts" / "plant_repeats.py"), str(data), str(target),
-           "--max-distance", str(preset.planted["max_distance"])]
+    if data.is_dir():
+        raw, test_size = enwik8_folder_bytes(data)
+        source = out / "planted_source.bytes"
+        source.write_bytes(raw)
+    cmd = [sys.executable, str(ROOT / "scripts" / "plant_repeats.py"), str(source), str(target),
+           "--max-distance", str(preset.planted["max_distance"]), "--test-size", str(test_size)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ConfigError(f"--data {data}: planting failed: {proc.stderr.strip()[-500:]}")
@@ -275,7 +296,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if records is None:  # --dry-run: the longrange runs read OUT/planted when --data is a file
-        shown = out / "planted" if preset.planted and not data.is_dir() else data
+        shown = out / "planted" if preset.planted and not (data / planted.SIDE_FILE).is_file() else data
         dry_run(runs, preset, args.preset, shown, out, args.jobs)
         return 0
     timing = None if args.report_only and not (out / "timing.json").exists() else \

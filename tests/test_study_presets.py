@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import study_criteria as sc  # noqa: E402
 import study_presets as sp  # noqa: E402
 import study_report  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 LR = sp.PRESETS["longrange"]
 D = sp.D
@@ -185,3 +186,36 @@ def test_longrange_dry_run_and_help_state_runs_and_estimate(tmp_path):
     for name in sp.PRESETS:
         assert f"  {name}: " in help_text
     assert "ESTIMATED" in help_text
+
+
+def test_longrange_plants_an_enwik8_folder(tmp_path):
+    """An enwik8-format folder is read back byte for byte and planted into OUT/planted: without
+    its copies, each planted split is the folder's split, and the side file fits the text."""
+    import numpy as np
+
+    import planted
+    import study
+    rng = np.random.default_rng(0)
+    words = [b"the ", b"cat ", b"sat\n", b"on ", b"<page> ", b"[[a]] "]
+    text = b"".join(words[i] for i in rng.integers(0, len(words), 9000))
+    sizes = {"train": len(text) - 6000, "valid": 3000, "test": 3000}
+    folder, start = tmp_path / "enwik8", 0
+    folder.mkdir()
+    for name in planted.SPLITS:
+        part = np.frombuffer(text[start:start + sizes[name]], dtype=np.uint8)
+        (folder / f"{name}.txt").write_bytes(planted.enwik8_format(part))
+        start += sizes[name]
+    assert study.enwik8_folder_bytes(folder) == (text, 3000)
+    out = study.planted_data(LR, folder, tmp_path / "out")
+    assert out == tmp_path / "out" / "planted"
+    side, start = planted.read_side_file(out), 0
+    for name in planted.SPLITS:
+        stream = np.frombuffer((out / f"{name}.txt.raw").read_bytes(), dtype=np.uint8)
+        dist = planted.copy_distances(side[name], len(stream))
+        q = np.nonzero(dist)[0]
+        assert (stream[q] == stream[q - dist[q]]).all()  # every copy repeats its source
+        assert stream[dist == 0].tobytes() == text[start:start + sizes[name]]
+        start += sizes[name]
+    assert study.planted_data(LR, folder, tmp_path / "out") == out  # made once
+    with pytest.raises(ConfigError, match="enwik8 format"):
+        study.planted_data(LR, tmp_path, tmp_path / "other")  # a folder that is neither
