@@ -109,7 +109,9 @@ LR_NOTE = (f"The planted corpus: the enwik8 prefix with copies of earlier passag
            f"tokens). Spans start at --adapt-span-init 0.5 (about {D // 2} tokens): in the span sweep "
            f"(scripts/span_sweep.py) no head started at 0 grew past about 400 in 1,000 steps, while heads "
            f"started at 0.5 stay long; --adapt-span-loss 2e-6 pulls unused heads down (the sweep's "
-           f"init0.5-loss run: median head about 1,400 after 300 steps, still falling). {LR_STEPS} steps per run: "
+           f"init0.5-loss run: median head about 1,400 after 300 steps, still falling; docs/study.md, 'Spans that can "
+           f"grow'; a stronger loss was not measured, and at this size the sweep's runs had not learned to copy "
+           f"by 1,000 steps, which the criteria 2-seen and T4 test). {LR_STEPS} steps per run: "
            f"5 configurations x 3 seeds in about 70 minutes on 2 idle cores at the estimated step times "
            f"(CPU seconds per step at the initial spans), leaving room under 90 minutes for spans that grow. dev/test bpc: scripts/score_copies.py on the first {LR_SCORE_TOKENS:,} tokens of valid "
            f"and of test, in 4 streams (not the whole sets).")
