@@ -22,8 +22,9 @@ scripts/get_data.sh enwik8), planted into OUT/planted with scripts/plant_repeats
 
 Before the runs, the token cache of the data is built in a process of its own (scripts/cache_memory.py),
 so that each run's peak memory is its training alone; the build's figures go to OUT/cache_build.json
-and the report. Writes OUT/results.json (one record per run), OUT/fig_*.png (matplotlib; skipped with
-a message when it is missing), OUT/report.md, and per run OUT/runs/NAME/{model.pt, model.logs/,
+and the report. Writes OUT/criteria.json (before the first run), OUT/results.json (one record per
+run), OUT/timing.json, OUT/verdicts.json (each criterion's verdict and numbers), OUT/fig_*.png
+(matplotlib; skipped with a message when it is missing), OUT/report.md, and per run OUT/runs/NAME/{model.pt, model.logs/,
 train.log, eval.log, record.json}. A run with a record.json is skipped; an interrupted run resumes
 from its checkpoint. One progress line per finished run. --dry-run prints each run's main.py
 command line and parameter count, and the preset's estimated duration, and trains nothing.

@@ -150,7 +150,10 @@ def summary_table(records: List[dict], timing: Optional[dict]) -> str:
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for name, entry in stats.items():
         v = entry["values"]
-        cell = lambda k, d=3: fmt(v[k], d) if k in v else "–"  # noqa: E731
+
+        def cell(key, digits=3):
+            return fmt(v[key], digits) if key in v else "–"
+
         ms = (timing or {}).get("ms", {}).get(name)
         lines.append(f"| {name} | {len(entry['runs'])} | {cell('dev_bpc')} | {cell('test_bpc')} "
                      f"| {cell('copied_bpc')} | {cell('ordinary_bpc')} | {cell('attn_flops_per_token', 0)} "
