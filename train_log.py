@@ -51,7 +51,10 @@ def log_iteration(state, train_nll: float, val_nll: float, ms: float, metrics: M
                             "train/grad_norm": grad_norm, **cost.metrics(),
                             **{f"span_{kind}/layer_{l:02d}": value
                                for l, layer in enumerate(model.layer_span_stats())
-                               for kind, value in layer.items()}})
+                               for kind, value in layer.items()},
+                            **({f"span_head/l{l:02d}h{h:02d}": float(span)  # each head, for the study
+                                for l, layer in enumerate(model.head_spans()) for h, span in enumerate(layer)}
+                               if stats else {})})
     metrics.histogram(steps, "span/heads", [s for layer in model.head_spans() for s in layer])
     if stats and metrics.writer is not None and len(history["step"]) % 10 == 1:  # first, then every 10th
         image = plots.spans_image(model.head_spans(), model.cfg.attn_span)  # None without matplotlib

@@ -15,11 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "scripts" / "study.py"
-NAMES = ["fixed-64", "fixed-256", "fixed-1024", "adaptive-256", "adaptive-1024", "adaptive-8192",
-         "allattn-8192"]
-KEYS = ["name", "max_span", "adaptive", "pers_mem_size", "params", "steps", "dev_bpc", "test_bpc",
-        "attn_flops_per_token", "model_flops_per_token", "tokens_per_s", "peak_mem_mb", "span_avg",
-        "span_max", "head_spans"]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import study_criteria  # noqa: E402
+import study_report  # noqa: E402
+CONFIGS = ["fixed-64", "fixed-256", "fixed-1024", "adaptive-256", "adaptive-1024", "adaptive-8192",
+           "allattn-8192"]
+NAMES = [f"{c}-s1" for c in CONFIGS]  # the quick preset: one seed
+KEYS = ["name", "config", "seed", "max_span", "adaptive", "pers_mem_size", "params", "steps", "dev_bpc",
+        "test_bpc", "copied_bpc", "ordinary_bpc", "attn_flops_per_token", "model_flops_per_token",
+        "tokens_per_s", "peak_mem_mb", "span_avg", "span_max", "head_spans"]
 CPU_SHAPE = {"nlayers": 4, "hidden": 128, "nheads": 4}  # the quick preset's model
 
 
@@ -63,6 +68,7 @@ def test_quick_grid_results(quick):
         for key in ("dev_bpc", "test_bpc", "attn_flops_per_token", "model_flops_per_token", "tokens_per_s",
                     "peak_mem_mb", "span_avg", "span_max"):
             assert isinstance(r[key], float) and r[key] > 0, key
+        assert r["config"] == r["name"][:-3] and r["seed"] == 1 and r["copied_bpc"] is None
         assert 0 < r["dev_bpc"] < 9 and 0 < r["test_bpc"] < 9  # 256 symbols at most: 8 bits
         if r["adaptive"]:
             spans = r["head_spans"]
@@ -74,7 +80,7 @@ def test_quick_grid_results(quick):
             # content, position and value products over L keys, 2 FLOPs each: 3 * 2 * D * L per head
             D = CPU_SHAPE["hidden"] // CPU_SHAPE["nheads"]
             assert r["attn_flops_per_token"] == 3 * 2 * D * r["max_span"] * CPU_SHAPE["nheads"] * CPU_SHAPE["nlayers"]
-    by_name = {r["name"]: r for r in results}
+    by_name = {r["config"]: r for r in results}
     assert by_name["allattn-8192"]["pers_mem_size"] == 256
     ratio = by_name["allattn-8192"]["params"] / by_name["adaptive-8192"]["params"]
     assert 0.97 < ratio < 1.03  # about the same size
@@ -83,18 +89,26 @@ def test_quick_grid_results(quick):
 def test_quick_report_and_figures(quick):
     _, out, _ = quick
     report = (out / "report.md").read_text()
-    for title in ("## Claim 1", "## Claim 2", "## Claim 3"):
-        assert title in report
-    assert report.lower().count("supported here") >= 4  # a verdict per claim, two for claim 1
+    criteria = json.loads((out / "criteria.json").read_text())
+    assert [c["key"] for c in criteria] == [c.key for c in study_criteria.CRITERIA["quick"]]
+    assert "## Criteria and verdicts" in report and report.count("**Verdict: ") == len(criteria)
+    assert all(f"### {c['key']} " in report and c["rule"] in report for c in criteria)
+    # one seed: no measured spread, so every margin verdict cannot test
+    verdicts = {v["key"]: v for v in json.loads((out / "verdicts.json").read_text())}
+    assert verdicts["3-allattn-matches"]["verdict"] == "cannot test"
+    assert "within 0.02" in report and "no more than 0.02 worse" in report  # the earlier change, named
+    timing = json.loads((out / "timing.json").read_text())
+    assert set(timing["ms"]) == {"adaptive-256", "adaptive-8192"} and "Timing phase" in report
+    assert "tokens/s" not in report.split("## Every run")[1].split("\n")[2]  # no tokens/s column
     assert all(f"| {name} |" in report for name in NAMES)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert "matplotlib is not installed" in report
         return
-    for name in ("fig_a_bpc_vs_attn_flops", "fig_b_attn_flops_vs_step", "fig_c_head_spans", "fig_d_allattn_vs_ff"):
-        png = out / f"{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in report
+    for name in study_report.FIGURES.values():
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name})" in report
 
 
 def test_rerun_skips_finished_and_resumes(quick):
@@ -107,10 +121,10 @@ def test_rerun_skips_finished_and_resumes(quick):
     assert not any(line.startswith("[") for line in proc.stdout.splitlines())
     assert (out / "results.json").read_text() == before
     # a run whose record is lost is resumed from its finished checkpoint: evaluated again, not retrained
-    (out / "runs" / "fixed-64" / "record.json").unlink()
+    (out / "runs" / "fixed-64-s1" / "record.json").unlink()
     proc = study("--preset", "quick", "--data", data, "--out", out, "--max-steps", 2)
     assert proc.returncode == 0, proc.stderr
-    assert [l.split(":")[0] for l in proc.stdout.splitlines() if l.startswith("[")] == ["[7/7] fixed-64"]
+    assert [l.split(":")[0] for l in proc.stdout.splitlines() if l.startswith("[")] == ["[7/7] fixed-64-s1"]
     assert {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES} == stamps
     assert json.loads((out / "results.json").read_text()) == json.loads(before)
 
@@ -145,11 +159,11 @@ def test_gpu_dry_run_prints_each_runs_flags(tmp_path):
     assert pers[0].count("--nlayers") == 1 and "--batch-split 2" in pers[0]
     assert pers[0].endswith(f"--attn-span 8192 --adapt-span --adapt-span-cache --adapt-span-init 0 "
                             f"--adapt-span-loss 5e-7 --data {tmp_path / 'enwik8'} --checkpoint "
-                            f"{tmp_path / 'out' / 'runs' / 'allattn-8192' / 'model.pt'} --distributed")
+                            f"{tmp_path / 'out' / 'runs' / 'allattn-8192-s1' / 'model.pt'} --distributed")
     params = {l.split(" ")[0]: int(l.split("params ")[1].split(" ")[0].replace(",", ""))
               for l in lines if "(params" in l}
     assert list(params) == NAMES
-    assert abs(params["allattn-8192"] / params["adaptive-8192"] - 1) < 0.05
+    assert abs(params["allattn-8192-s1"] / params["adaptive-8192-s1"] - 1) < 0.05
     assert not (tmp_path / "out").exists()
 
 
