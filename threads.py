@@ -57,6 +57,16 @@ def choose_threads(requested: int, local_world_size: int) -> int:
     return max(1, min(cores // ranks, free // ranks))
 
 
+def per_process(processes: int) -> int:
+    """Threads for each of ``processes`` processes that share this process's cores (the
+    study's --jobs): OMP_NUM_THREADS where set, else the cores divided among them. A fixed
+    rule of the cores, without the load term, so that a study's runs repeat exactly."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, available_cores() // max(1, processes))
+
+
 def source(requested: int) -> str:
     """Where the thread count comes from, in a word or two."""
     if requested > 0:

@@ -10,8 +10,9 @@ first run, and a study whose criteria differ from that record refuses to report.
 Each run is one `python main.py ... --checkpoint OUT/runs/NAME/model.pt` subprocess (torchrun for
 the gpu preset), then its evaluation: `main.py --full-eval-mode` on the whole dev and test sets
 (batch 8), or on the planted corpus of the longrange preset `scripts/score_copies.py` on the first
-N tokens of valid and test (bpc on copied and ordinary positions apart). Each process gets
-OMP_NUM_THREADS=1 on CPU, so --jobs J uses J cores. After the runs, the timing phase
+N tokens of valid and test (bpc on copied and ordinary positions apart). On CPU each process
+gets the cores divided among the J jobs (threads.per_process: 1 thread each for --jobs 2 on 2
+cores), or OMP_NUM_THREADS where it is set. After the runs, the timing phase
 (scripts/study_timing.py) times a training step of the seed-1 checkpoints of the preset's timed
 configurations, alternating in one process (OUT/timing.json, with the load average: speed
 verdicts need an idle machine). Speed is never taken from the runs' tokens/s.
@@ -53,6 +54,7 @@ import study_report  # noqa: E402  (scripts/study_report.py)
 from build import model_config  # noqa: E402
 from models import TransformerSeq  # noqa: E402
 from settings import Settings  # noqa: E402
+from threads import per_process  # noqa: E402
 from study_presets import PRESETS, TIMING_WAIT_S, Preset, Run, build_grid, describe, run_order  # noqa: E402
 from study_run import (STOP, eval_commands, execute, stop_children,  # noqa: E402
                        train_command)
@@ -184,7 +186,8 @@ def run_grid(runs: List[Run], preset: Preset, data: Path, out: Path, jobs: int) 
     todo = [run for run in run_order(runs, preset) if records[run.name] is None]
     lock = threading.Lock()
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(execute, run, preset, data, out): run for run in todo}
+        threads = 0 if preset.gpus else per_process(jobs)  # CPU threads of each run's processes
+        futures = {pool.submit(execute, run, preset, data, out, threads): run for run in todo}
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
             with lock:

@@ -39,12 +39,13 @@ def stop_children(signum, frame) -> None:
         proc.send_signal(signal.SIGTERM)  # main.py writes its checkpoint and exits
 
 
-def run_logged(cmd: List[str], log_path: Path, cpu: bool) -> tuple:
-    """Run ``cmd`` in the repository root, appending its output to ``log_path``. Returns the exit
-    status and the usage: wall and CPU seconds, peak resident MB of the largest process of the tree."""
+def run_logged(cmd: List[str], log_path: Path, threads: int) -> tuple:
+    """Run ``cmd`` in the repository root with ``threads`` CPU threads (0: as the environment
+    says), appending its output to ``log_path``. Returns the exit status and the usage: wall and
+    CPU seconds, peak resident MB of the largest process of the tree."""
     if STOP.is_set():
         raise RuntimeError("stopped by SIGTERM; a rerun resumes it")
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if cpu else {})}
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
     start = time.time()
     with open(log_path, "a") as log:
         log.write("+ " + " ".join(cmd) + "\n")
@@ -175,15 +176,16 @@ def make_record(run: Run, folder: Path, evals: dict, peak_mb: float, seconds: di
     return record
 
 
-def execute(run: Run, preset: Preset, data: Path, out: Path) -> Optional[dict]:
+def execute(run: Run, preset: Preset, data: Path, out: Path, threads: int) -> Optional[dict]:
+    """Train and evaluate one run (``threads`` CPU threads per process, 0 on GPUs); its record."""
     if STOP.is_set():
         raise RuntimeError("not started (SIGTERM)")
     folder = out / "runs" / run.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "flags.json").write_text(json.dumps(run.flags))
-    ckpt, cpu = folder / "model.pt", preset.gpus == 0
+    ckpt = folder / "model.pt"
     fresh = not ckpt.exists()
-    rc, usage = run_logged(train_command(run, preset, data, ckpt), folder / "train.log", cpu)
+    rc, usage = run_logged(train_command(run, preset, data, ckpt), folder / "train.log", threads)
     train = add_usage(folder / "train_usage.json", usage, complete=fresh)
     if STOP.is_set():
         raise RuntimeError("stopped by SIGTERM; a rerun resumes it from its checkpoint")
@@ -192,7 +194,7 @@ def execute(run: Run, preset: Preset, data: Path, out: Path) -> Optional[dict]:
     (folder / "eval.log").write_text("")
     wall = cpu_s = 0.0
     for cmd in eval_commands(preset, data, ckpt):
-        rc, evaluation = run_logged(cmd, folder / "eval.log", cpu)
+        rc, evaluation = run_logged(cmd, folder / "eval.log", threads)
         if rc != 0:
             raise RuntimeError(f"evaluation exited with status {rc}; see {folder / 'eval.log'}")
         wall, cpu_s = wall + evaluation["wall_s"], cpu_s + evaluation["cpu_s"]

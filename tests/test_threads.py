@@ -119,3 +119,12 @@ def test_a_resumed_run_keeps_the_thread_count_of_its_checkpoint(machine, monkeyp
         assert use_threads(0, {"threads": 3}) == "threads: 1 (OMP_NUM_THREADS)"
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_study_divides_the_cores_among_its_jobs_without_the_load(machine, monkeypatch):
+    machine(2, 7.0)  # a busy machine: the study's rule ignores the load (its runs repeat)
+    assert threads.per_process(2) == 1 and threads.per_process(1) == 2 and threads.per_process(4) == 1
+    machine(16, 0.0)
+    assert threads.per_process(4) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.per_process(4) == 3
