@@ -102,7 +102,6 @@ class ExpireSpan(nn.Module):
         p = min(max(init_percentage, 1e-6), 1 - 1e-6)
         nn.init.constant_(self.span_predictor.bias, math.log(p / (1 - p)))
         self.last_loss = None  # the auxiliary loss of the last training forward (with its graph)
-        self.last_stats = None  # detached (mean span, max span) of the last forward's memory
 
     def spans(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, H) -> e (B, T), in [0, L]."""
@@ -142,7 +141,6 @@ class ExpireSpan(nn.Module):
         next_ages = M - key_positions(ages, M)  # (B, T)
         expired = droppable(spans, next_ages, M, self.ramp)  # (B, T)
         count = drop_count(expired, M)
-        self.last_stats = torch.stack([spans.mean(), spans.max()])  # (2,)
         if count:
             keep = keep_indices(spans, next_ages, expired, count)  # (B, T-count)
             states = states.gather(1, keep.unsqueeze(-1).expand(-1, -1, states.size(-1)))  # (B, T-count, H)

@@ -1,0 +1,89 @@
+"""Expire span in the model: with every span forced to L it is the model without expiry; the
+memory grows and shrinks with the spans; the flags' combinations."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from expire_span import pack, unpack  # noqa: E402
+from models import ModelConfig, TransformerSeq  # noqa: E402
+
+BASE = dict(vocab_size=11, hidden_size=16, nheads=2, nlayers=2, attn_span=8, inner_hidden_size=8,
+            dropout=0.0, attn_impl="reference")
+
+
+def pair(**expire):
+    torch.manual_seed(0)
+    plain = TransformerSeq(ModelConfig(**BASE)).double().eval()
+    model = TransformerSeq(ModelConfig(**BASE, expire_span=True, **expire)).double().eval()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("span_predictor" in k for k in missing)
+    return plain, model
+
+
+def test_spans_forced_to_the_limit_give_the_model_without_expiry():
+    """L = --attn-span = --attn-lim, ramp 1, spans L: a query sees exactly the L previous
+    positions, as the reference attention does, block after block (memory dropped to L)."""
+    plain, model = pair(attn_lim=8, expire_span_ramp=1)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.expire.span_predictor.weight.normal_()  # w.h is drowned by b: sigmoid = 1 exactly
+            layer.expire.span_predictor.bias.fill_(60.0)
+    B, M, L, H = 3, 4, 8, 16
+    hidden = [torch.randn(B, L, H, dtype=torch.float64) for _ in range(2)]
+    caches = hidden
+    memories = [pack(h, torch.zeros(B, L), torch.arange(L, 0, -1).double().expand(B, L)) for h in hidden]
+    for _ in range(4):
+        x = torch.randint(0, 11, (B, M))
+        y = torch.randint(0, 11, (B, M))
+        want, caches = plain(x, caches, y)
+        got, memories = model(x, memories, y)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        for cache, memory in zip(caches, memories):
+            h, spans, ages = unpack(memory)
+            assert ages.tolist() == [list(range(L, 0, -1))] * B and (spans == L).all()
+            torch.testing.assert_close(h, cache, rtol=0, atol=1e-6)  # the 1e-8 of the renormalisation
+
+
+def test_memory_varies_with_the_spans():
+    _, model = pair(attn_lim=64, expire_span_ramp=4, expire_span_init_percentage=0.2, expire_span_loss=1e-3)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.expire.span_predictor.weight.normal_(0, 3.0)
+    model.train()
+    B, M = 2, 4
+    memories, lengths = model.init_cache(B), []
+    for _ in range(12):
+        x = torch.randint(0, 11, (B, M))
+        nll, memories = model(x, memories, x)
+        loss = nll.mean() + model.span_loss()
+        loss.backward()
+        lengths.append([m.size(1) for m in memories])
+        for m in memories:
+            _, spans, ages = unpack(m)
+            expired = (ages[:, :-M] >= spans[:, :-M] + 4).sum(1)  # (B,) kept, but seen by no later query
+            assert expired.min() < M  # the batch's smallest count was dropped, rounded down to M
+    assert all(layer.expire.span_predictor.weight.grad.abs().sum() > 0 for layer in model.layers)
+    flat = [n for row in lengths for n in row]
+    assert max(flat) > M and len(set(flat)) > 2 and all(n % M == 0 for n in flat)
+    assert model.span_loss().item() == 0.0  # taken once
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adapt-span"], "error: --expire-span and --adapt-span"),
+    (["--batch-split", "2"], "error: --batch-split does not support --expire-span"),
+    (["--expire-span-init-percentage", "1"], "error: --expire-span-init-percentage is a fraction"),
+    (["--expire-span-ramp", "0"], "error: --expire-span-ramp must be at least 1"),
+])
+def test_bad_combinations_are_one_error_line(extra, message):
+    argv = [sys.executable, str(ROOT / "main.py"), "--dry-run", "--vocab-size", "11", "--expire-span",
+            "--batch-sz", "4"] + extra
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1",
+                                                                             "PATH": "/usr/bin:/bin"})
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), lines
