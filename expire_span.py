@@ -20,7 +20,7 @@ the block that kept them) and their age a (the distance to the next block's firs
 that the trainer, the checkpoint and the resharding treat it as any cache.
 """
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -146,3 +146,22 @@ class ExpireSpan(nn.Module):
             states = states.gather(1, keep.unsqueeze(-1).expand(-1, -1, states.size(-1)))  # (B, T-count, H)
             spans, next_ages = spans.gather(1, keep), next_ages.gather(1, keep)  # (B, T-count)
         return pack(states, spans, next_ages)  # (B, C', H+2)
+
+
+def memory_stats(memories: List[torch.Tensor]) -> List[dict]:
+    """Per layer: the mean and largest span of its kept memories (as of the block that kept
+    them) and the memory length (host syncs: for the log, not for every step)."""
+    out = []
+    for memory in memories:
+        _, spans, _ = unpack(memory)
+        empty = spans.numel() == 0
+        out.append({"avg": 0.0 if empty else spans.float().mean().item(),
+                    "max": 0.0 if empty else spans.max().item(), "mem": memory.size(1)})
+    return out
+
+
+def summary(layers: List[dict]) -> dict:
+    """Over the layers: ``span_avg`` and ``mem_avg`` (means), ``span_max`` and ``mem_max``."""
+    n = max(len(layers), 1)
+    return {"span_avg": sum(s["avg"] for s in layers) / n, "span_max": max(s["max"] for s in layers),
+            "mem_avg": sum(s["mem"] for s in layers) / n, "mem_max": max(s["mem"] for s in layers)}
