@@ -87,3 +87,15 @@ def test_bad_combinations_are_one_error_line(extra, message):
                                                                              "PATH": "/usr/bin:/bin"})
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_flops_count_the_memory_kept():
+    import flops
+    _, model = pair(attn_lim=64, expire_span_ramp=4)
+    D, K, P, M = 8, 2, 8, 4
+    got = flops.flops_per_token(model, [16, 0], M)
+    keys = [16 + 1.5, 1.5]  # kept memories and the block's earlier positions on average
+    want = sum(K * 2 * D * (2 * k + min(P, k)) for k in keys)
+    assert got.attn == want
+    assert got.attn_max == 2 * K * 2 * D * (2 * (68 + 1.5) + P)
+    assert got.model - got.attn == flops.flops_per_token(pair()[0]).model - flops.flops_per_token(pair()[0]).attn
