@@ -99,3 +99,32 @@ def test_flops_count_the_memory_kept():
     assert got.attn == want
     assert got.attn_max == 2 * K * 2 * D * (2 * (68 + 1.5) + P)
     assert got.model - got.attn == flops.flops_per_token(pair()[0]).model - flops.flops_per_token(pair()[0]).attn
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generation_keeps_unexpired_memories_and_equals_the_model(batch):
+    """KVCache (prompt in blocks, then one position per step) against the model's own forward
+    (the prompt in blocks, then one position per forward), in float64."""
+    from inference import KVCache
+    torch.manual_seed(5)
+    cfg = dict(BASE, attn_span=16, expire_span=True, attn_lim=60, expire_span_ramp=8,
+               expire_span_init_percentage=0.3, pers_mem_size=3, pers_mem_keep_ff=True)
+    model = TransformerSeq(ModelConfig(**cfg)).double().eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.expire.span_predictor.weight.normal_(0, 1.0)
+    ids = torch.randint(11, (batch, 180), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        caches, want = model.init_cache(batch), []
+        bounds = list(range(0, 100, 32)) + list(range(100, 180))
+        for start, stop in zip(bounds, bounds[1:] + [180]):
+            log_probs, caches = model(ids[:, start:stop], caches)
+            want.append(log_probs)
+    cache = KVCache(model)
+    got = [cache.prefill(ids[:, :100], 32)] + [cache.step(ids[:, t]).unsqueeze(1) for t in range(100, 180)]
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-10, rtol=0)
+    for plan in cache.plans:
+        assert plan.keys.size(2) < 180  # expired memories left the cache
+        dist = cache.position - plan.positions  # (B, C)
+        expired = (plan.spans + 8 <= dist).sum(1)
+        assert expired.min() == 0  # the batch's smallest count of expired memories was dropped
