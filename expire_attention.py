@@ -48,6 +48,9 @@ def expire_attention(query: torch.Tensor, h_all: torch.Tensor, positions: torch.
     logits = logits + position_logits(q, key_pe, dist)  # (B, K, M, T)
     mask = expire.mask(h_all, positions, M).unsqueeze(1)  # (B, 1, M, T)
     pers_logits = pers.logits(q) if pers is not None else None  # (B, K, M, N)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # softmax and mask in float32
+        logits = logits.float()  # (B, K, M, T)
+        pers_logits = pers_logits.float() if pers_logits is not None else None  # (B, K, M, N)
     probs, pers_probs = attention_weights(logits, D, mask, pers_logits, mask == 0, dropout,
                                           training)  # (B, K, M, T), (B, K, M, N)
     out = torch.matmul(probs.to(v.dtype), v)  # (B, K, M, D)

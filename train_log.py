@@ -67,16 +67,27 @@ def log_iteration(state, train_nll: float, val_nll: float, ms: float, metrics: M
                             **{f"span_{kind}/layer_{l:02d}": value
                                for l, layer in enumerate(layers)
                                for kind, value in layer.items()}})
-    if model.cfg.expire_span:  # where the kept memories of stream 0 sit, all layers
-        ages = [a for m in state.trainer.train_cache for a in expire_span.unpack(m)[2][0].tolist()]
-        if ages:
-            metrics.histogram(steps, "expire/memory_ages", ages)
+    if model.cfg.expire_span:
+        log_memory(state, metrics, steps)
         return
     metrics.histogram(steps, "span/heads", [s for layer in model.head_spans() for s in layer])
     if stats and metrics.writer is not None and len(history["step"]) % 10 == 1:  # first, then every 10th
         image = plots.spans_image(model.head_spans(), model.cfg.attn_span)  # None without matplotlib
         if image is not None:
             metrics.image(steps, "span/heads_figure", image)
+
+
+def log_memory(state, metrics: MetricsLog, steps: int) -> None:
+    """Expire span: where the kept memories of stream 0 sit after the last training block (a
+    histogram of their distances, all layers; the first, then every 10th iteration, a figure)."""
+    memories = [expire_span.unpack(m) for m in state.trainer.train_cache]
+    ages = [m[2][0].tolist() for m in memories]  # per layer: distances to the next query
+    metrics.histogram(steps, "expire/memory_ages", [a for layer in ages for a in layer])
+    if metrics.writer is not None and len(state.history["step"]) % 10 == 1:
+        spans = [m[1][0].tolist() for m in memories]
+        image = plots.memory_image(ages, spans, state.model.cfg.attn_lim, state.settings.train.block_size)
+        if image is not None:
+            metrics.image(steps, "expire/memory_figure", image)
 
 
 class Progress:

@@ -1,5 +1,7 @@
 """Expire span in main.py: the auxiliary loss trains, the log line and history report the spans
 and memory lengths, the variable-length memory resumes bitwise, evaluation scores every token."""
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -54,6 +56,23 @@ def test_log_lines_report_spans_and_memory_per_layer(straight):
     assert history["span_max"][-1] == pytest.approx(spans.max().item())
     assert 0 < history["span_avg"][-1] <= 96
     assert history["mem_max"][-1] == max(m.size(1) for m in memories) and history["mem_max"][-1] % 8 == 0
+
+
+def test_tensorboard_gets_each_layer_span_and_memory_and_the_memory_figure(straight):
+    ckpt, _ = straight
+    folder = ckpt.with_name("run.logs")
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    memories = load(ckpt)["ranks"][0]["train_cache"]
+    last = records[-1]
+    assert [last[f"span_mem/layer_{l:02d}"] for l in range(2)] == [m.size(1) for m in memories]
+    assert last["span_max/layer_01"] == pytest.approx(unpack(memories[1])[1].max().item())
+    assert last["flops/attn_flops"] < last["flops/attn_flops_max"]
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "histograms": 0}).Reload()
+    assert "expire/memory_ages" in events.Tags()["histograms"]
+    if importlib.util.find_spec("matplotlib"):
+        assert "expire/memory_figure" in events.Tags()["images"]
 
 
 def test_resume_with_variable_memory_is_bitwise(straight, data, tmp_path):
