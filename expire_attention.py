@@ -46,7 +46,7 @@ def expire_attention(query: torch.Tensor, h_all: torch.Tensor, positions: torch.
     dist = distances(positions, M)  # (B, M, T)
     logits = torch.matmul(q, k.transpose(-1, -2))  # (B, K, M, T)
     logits = logits + position_logits(q, key_pe, dist)  # (B, K, M, T)
-    mask = expire.mask(h_all, positions, M).unsqueeze(1)  # (B, 1, M, T)
+    mask = expire.mask(h_all, dist).unsqueeze(1)  # (B, 1, M, T)
     pers_logits = pers.logits(q) if pers is not None else None  # (B, K, M, N)
     if logits.dtype in (torch.float16, torch.bfloat16):  # softmax and mask in float32
         logits = logits.float()  # (B, K, M, T)

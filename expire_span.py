@@ -115,11 +115,10 @@ class ExpireSpan(nn.Module):
         limit = torch.rand((), device=spans.device) * self.attn_lim  # ()
         return torch.minimum(spans, limit)  # (B, T)
 
-    def mask(self, hidden: torch.Tensor, positions: torch.Tensor, block: int) -> torch.Tensor:
-        """The layer's mask (B, M, T) over [memory; block] (hidden (B, T, H), key positions
-        (B, T)); keeps the auxiliary loss of a training forward in ``last_loss``."""
+    def mask(self, hidden: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """The layer's mask (B, M, T) over [memory; block] (hidden (B, T, H), ``distances``
+        (B, M, T)); keeps the auxiliary loss of a training forward in ``last_loss``."""
         spans = self.noisy_spans(self.spans(hidden))  # (B, T)
-        dist = distances(positions, block)  # (B, M, T)
         mask = expire_mask(spans, dist, self.ramp)  # (B, M, T)
         if self.training and self.loss_coef > 0:
             self.last_loss = expire_loss(spans, dist, mask, self.ramp, self.loss_coef)

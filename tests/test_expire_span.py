@@ -60,11 +60,11 @@ def test_gradients_of_w_and_b_by_finite_differences():
     with torch.no_grad():
         module.span_predictor.weight.normal_(0, 0.5)
     hidden = torch.randn(B, C + M, H, dtype=torch.float64)
-    positions = key_positions(torch.arange(C, 0, -1, dtype=torch.float64).expand(B, C) * 2, M)
+    dist = distances(key_positions(torch.arange(C, 0, -1, dtype=torch.float64).expand(B, C) * 2, M), M)
     values = torch.randn(B, M, C + M, dtype=torch.float64)
 
     def loss():
-        mask = module.mask(hidden, positions, M)  # (B, M, T)
+        mask = module.mask(hidden, dist)  # (B, M, T)
         return (mask * values).sum() + module.loss()
 
     assert_matches_finite_differences(loss, [module.span_predictor.weight, module.span_predictor.bias],
