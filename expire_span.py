@@ -164,3 +164,18 @@ def summary(layers: List[dict]) -> dict:
     n = max(len(layers), 1)
     return {"span_avg": sum(s["avg"] for s in layers) / n, "span_max": max(s["max"] for s in layers),
             "mem_avg": sum(s["mem"] for s in layers) / n, "mem_max": max(s["mem"] for s in layers)}
+
+
+def equal_lengths(memories: List[torch.Tensor], attn_lim: int, ramp: int) -> List[torch.Tensor]:
+    """Memories of one layer from several ranks (B_r, C_r, H+2) padded in front to the longest
+    C, so that their rows can be stacked: zero states at an age of at least L + R beyond the
+    oldest, which every query gives a zero mask (whatever their span) and the next block drops."""
+    longest = max(m.size(1) for m in memories)
+    oldest = max((unpack(m)[2].max().item() for m in memories if m.size(1)), default=0.0)
+    out = []
+    for m in memories:
+        pad = longest - m.size(1)
+        dead = m.new_zeros(m.size(0), pad, m.size(2))  # (B_r, pad, H+2)
+        dead[..., -1] = oldest + attn_lim + ramp + torch.arange(pad, 0, -1, dtype=m.dtype)  # ages
+        out.append(torch.cat([dead, m], dim=1))  # (B_r, longest, H+2)
+    return out

@@ -128,3 +128,28 @@ def test_generation_keeps_unexpired_memories_and_equals_the_model(batch):
         dist = cache.position - plan.positions  # (B, C)
         expired = (plan.spans + 8 <= dist).sum(1)
         assert expired.min() == 0  # the batch's smallest count of expired memories was dropped
+
+
+def test_resharded_memories_are_padded_with_memories_no_query_weighs():
+    """A resume on another number of ranks stacks the ranks' memories of unequal lengths:
+    the padded rows give the same next block as each rank's own memory."""
+    from train_state import _reshard
+    from utils import DistInfo
+    _, model = pair(attn_lim=40, expire_span_ramp=4, expire_span_init_percentage=0.5)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.expire.span_predictor.weight.normal_(0, 1.0)
+    ranks, outs = [], []
+    with torch.no_grad():
+        for blocks, seed in ((6, 1), (2, 2)):  # two ranks: long and short memories
+            g = torch.Generator().manual_seed(seed)
+            memories = model.init_cache(2)
+            for _ in range(blocks):
+                _, memories = model(torch.randint(0, 11, (2, 4), generator=g), memories)
+            ranks.append(memories)
+        x = torch.randint(0, 11, (4, 4))
+        want = torch.cat([model(x[2 * r:2 * r + 2], ranks[r])[0] for r in range(2)])
+        joined = _reshard(ranks, DistInfo(device=torch.device("cpu")), model.cfg)
+        assert ranks[0][0].size(1) > ranks[1][0].size(1)
+        assert [m.size(1) for m in joined] == [max(r[l].size(1) for r in ranks) for l in range(2)]
+        torch.testing.assert_close(model(x, joined)[0], want, rtol=0, atol=1e-12)
