@@ -120,3 +120,49 @@ def test_streams_drop_the_batch_smallest_count_rounded_to_the_block():
     # each drops its 2 most expired (the oldest here)
     assert ages.tolist() == [[6.0, 5.0, 2.0, 1.0], [7.0, 5.0, 2.0, 1.0]]
     assert math.isclose(out[0, 0, 0].item(), -50.0) and math.isclose(out[1, 1, 0].item(), -50.0)
+
+
+def test_expire_attention_matches_a_loop_over_non_contiguous_memories():
+    """Per stream, head and query: softmax over the keys with m > 0 of (q.k + [d <= P] q.pe[P-d])
+    / sqrt(D), times m, renormalised (+1e-8), read from the values."""
+    from expire_attention import expire_attention
+    torch.manual_seed(3)
+    B, K, D, M, C, P, R = 2, 2, 3, 4, 5, 3, 4
+    H = K * D
+    expire = ExpireSpan(H, 12, R, 1.0, 0.4, 0.0).double().eval()
+    with torch.no_grad():
+        expire.span_predictor.weight.normal_(0, 1.0)
+    ages = torch.tensor([[14.0, 9, 5, 2, 1], [11.0, 7, 6, 3, 1]], dtype=torch.float64)  # (B, C): gaps
+    h_all = torch.randn(B, C + M, H, dtype=torch.float64)
+    query = torch.randn(B, M, H, dtype=torch.float64)
+    w_key, w_val = torch.randn(H, H, dtype=torch.float64), torch.randn(H, H, dtype=torch.float64)
+    key_pe = torch.randn(1, D, P, dtype=torch.float64)
+    got = expire_attention(query, h_all, key_positions(ages, M), w_key, w_val, key_pe, K, expire, None,
+                           0.0, False)
+    spans = expire.spans(h_all)  # (B, T)
+    keys, values = h_all @ w_key.t(), h_all @ w_val.t()  # (B, T, H)
+    want = torch.zeros(B, M, H, dtype=torch.float64)
+    seen_partial = 0
+    for b in range(B):
+        for k in range(K):
+            cols = slice(k * D, (k + 1) * D)
+            for j in range(M):
+                q = query[b, j, cols]
+                terms = []
+                for c in range(C + M):
+                    d = j + ages[b, c].item() if c < C else j - (c - C)
+                    m = min(max((spans[b, c].item() - d) / R + 1, 0.0), 1.0) if d >= 1 else 0.0
+                    if m == 0:
+                        continue
+                    seen_partial += 0 < m < 1
+                    logit = q @ keys[b, c, cols] + (q @ key_pe[0, :, P - int(d)] if d <= P else 0.0)
+                    terms.append((logit / math.sqrt(D), m, values[b, c, cols]))
+                if not terms:
+                    continue
+                top = max(t[0] for t in terms)
+                p = [math.exp(t[0] - top) for t in terms]
+                p = [x / sum(p) * t[1] for x, t in zip(p, terms)]
+                total = sum(p) + 1e-8
+                want[b, j, cols] = sum(x / total * t[2] for x, t in zip(p, terms))
+    assert seen_partial > 3  # the ramp is exercised
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
