@@ -153,3 +153,20 @@ def test_resharded_memories_are_padded_with_memories_no_query_weighs():
         assert ranks[0][0].size(1) > ranks[1][0].size(1)
         assert [m.size(1) for m in joined] == [max(r[l].size(1) for r in ranks) for l in range(2)]
         torch.testing.assert_close(model(x, joined)[0], want, rtol=0, atol=1e-12)
+
+
+def test_generate_same_tokens_with_and_without_kv_cache():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import generate
+    torch.manual_seed(7)
+    model = TransformerSeq(ModelConfig(**dict(BASE, expire_span=True, attn_lim=48, expire_span_ramp=8,
+                                              expire_span_init_percentage=0.3))).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.expire.span_predictor.weight.normal_(0, 1.0)
+    prompt = [1, 2, 3, 4, 5] * 6
+    for temperature in (0.0, 1.0):
+        with_kv = list(generate.generate(model, prompt, 120, 8, temperature, 0, 7))
+        assert with_kv == list(generate.generate(model, prompt, 120, 8, temperature, 0, 7, kv_cache=False))
+    batch = list(generate.generate_batch(model, prompt, 60, 8, 1.0, 5, 8, num_samples=3))
+    assert batch == list(generate.generate_batch(model, prompt, 60, 8, 1.0, 5, 8, 3, False))
