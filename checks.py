@@ -33,9 +33,6 @@ def check_flags(s: Settings) -> None:
                           "block's input); drop one of the two")
     if m.expire_span and m.adapt_span:
         raise ConfigError("--expire-span and --adapt-span are two ways of learning the context; drop one of the two")
-    if m.expire_span and t.batch_split > 1:
-        raise ConfigError("--batch-split does not support --expire-span (each pass would keep another "
-                          "memory length); drop --batch-split")
     if m.expire_span and r.compile:
         raise ConfigError("--compile does not support --expire-span (its memory length changes every block); "
                           "drop one of the two")

@@ -21,7 +21,7 @@ from adaptive_span import AdaptiveSpan, DynamicSpan, refresh_spans
 from attention import attention_plan, grouped_attention, reference_attention
 from config import ModelConfig  # noqa: F401  (the model's settings; importable from here)
 from expire_attention import expire_attention
-from expire_span import ExpireSpan, key_positions, unpack
+from expire_span import ExpireSpan, equal_lengths, key_positions, unpack
 from persistent_memory import PersistentMemory
 
 ATTN_IMPLS = {"grouped": grouped_attention, "reference": reference_attention}  # config.ATTN_IMPL_NAMES
@@ -219,6 +219,14 @@ class TransformerSeq(nn.Module):
         if layer.expire is not None:
             return layer.expire.next_memory(cache, h)  # (B, C', H+2)
         return update_cache(cache, h, self.layer_cache_size(layer))  # (B, C', H)
+
+    def join_rows(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """One layer's caches of groups of rows (e.g. the passes of --batch-split) stacked
+        (B, C, ...); expire-span memories of unequal lengths are first padded in front with
+        memories that no query weighs (``expire_span.equal_lengths``)."""
+        if self.cfg.expire_span and len({p.size(1) for p in parts}) > 1:
+            parts = equal_lengths(parts, self.cfg.attn_lim, self.cfg.expire_span_ramp)
+        return torch.cat(parts, dim=0)  # (B, C, ...)
 
     def clear_cache(self, caches: List[torch.Tensor]) -> List[torch.Tensor]:
         """The caches of streams that start afresh: zeros of the same shape, as the

@@ -126,7 +126,7 @@ def _reshard(tensors_per_rank: List[List[torch.Tensor]], dist: DistInfo, cfg) ->
     the shortest, or with expire span padded to the longest with memories no query weighs."""
     out = []
     for layer in zip(*tensors_per_rank):
-        if cfg.expire_span:
+        if cfg.expire_span and len({t.size(1) for t in layer}) > 1:
             layer = equal_lengths(list(layer), cfg.attn_lim, cfg.expire_span_ramp)
         size = min(t.size(1) for t in layer)
         full = torch.cat([t[:, t.size(1) - size:] for t in layer], dim=0)  # (B, C, H)

@@ -64,7 +64,7 @@ class Trainer:
             loss_sum += loss.detach()
             for parts_l, c in zip(parts, caches):
                 parts_l.append(c)
-        self.train_cache = [torch.cat(p, dim=0) for p in parts]  # (B, C, H)
+        self.train_cache = [self.model.join_rows(p) for p in parts]  # (B, C, H)
         return loss_sum / S
 
     def _update(self) -> Tuple[float, bool]:

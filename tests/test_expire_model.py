@@ -76,7 +76,7 @@ def test_memory_varies_with_the_spans():
 
 @pytest.mark.parametrize("extra, message", [
     (["--adapt-span"], "error: --expire-span and --adapt-span"),
-    (["--batch-split", "2"], "error: --batch-split does not support --expire-span"),
+    (["--compile"], "error: --compile does not support --expire-span"),
     (["--expire-span-init-percentage", "1"], "error: --expire-span-init-percentage is a fraction"),
     (["--expire-span-ramp", "0"], "error: --expire-span-ramp must be at least 1"),
 ])
@@ -170,3 +170,23 @@ def test_generate_same_tokens_with_and_without_kv_cache():
         assert with_kv == list(generate.generate(model, prompt, 120, 8, temperature, 0, 7, kv_cache=False))
     batch = list(generate.generate_batch(model, prompt, 60, 8, 1.0, 5, 8, num_samples=3))
     assert batch == list(generate.generate_batch(model, prompt, 60, 8, 1.0, 5, 8, 3, False))
+
+
+def test_rows_run_apart_and_joined_give_the_model_of_the_whole_batch():
+    """--batch-split: each pass keeps its own memory length; joined (padded) they give the
+    same next blocks as the whole batch run at once."""
+    _, model = pair(attn_lim=40, expire_span_ramp=4, expire_span_init_percentage=0.4)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.expire.span_predictor.weight.normal_(0, 2.0)
+    whole, split = model.init_cache(4), model.init_cache(4)
+    differ = 0
+    with torch.no_grad():
+        for _ in range(10):
+            x = torch.randint(0, 11, (4, 4))
+            want, whole = model(x, whole)
+            halves = [model(x[r:r + 2], [m[r:r + 2] for m in split]) for r in (0, 2)]
+            differ += any(a.size(1) != b.size(1) for a, b in zip(halves[0][1], halves[1][1]))
+            split = [model.join_rows([halves[0][1][l], halves[1][1][l]]) for l in range(2)]
+            torch.testing.assert_close(torch.cat([halves[0][0], halves[1][0]]), want, rtol=0, atol=1e-12)
+    assert differ  # the passes kept memories of different lengths

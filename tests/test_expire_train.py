@@ -18,7 +18,7 @@ from expire_span import unpack  # noqa: E402
 
 NB, NITER = 6, 4
 MODEL = ["--nlayers", "2", "--hid-sz", "32", "--inner-hid-sz", "64", "--nheads", "2", "--attn-span", "16",
-         "--block-sz", "8", "--batch-sz", "4", "--dropout", "0.1", "--expire-span", "--attn-lim", "96",
+         "--block-sz", "8", "--batch-sz", "4", "--batch-split", "2", "--dropout", "0.1", "--expire-span", "--attn-lim", "96",
          "--expire-span-ramp", "8", "--expire-span-loss", "1e-3", "--expire-span-init-percentage", "0.15",
          "--expire-span-noisy", "--optim", "adam", "--lr", "0.003", "--nbatches", str(NB), "--seed", "3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
