@@ -15,7 +15,7 @@ count of them, most expired first, so that the streams keep equal lengths.
 """
 import torch
 
-from attention import attention_weights
+from attention import attention_weights, split_heads
 from expire_span import droppable, keep_indices, unpack
 
 
@@ -37,11 +37,9 @@ class ExpireLayerKV:
         """From the layer's memory after the prompt (B0, C, H+2), P positions in, for B streams."""
         attn = self.layer.attn
         hidden, _, ages = unpack(memory)  # (B0, C, H), _, (B0, C)
-        B0, C, H = hidden.shape
         K = attn.attn.nheads
-        split = lambda x: x.view(B0, C, K, H // K).transpose(1, 2).expand(B, -1, -1, -1)  # noqa: E731
-        self.keys = split(attn.proj_key(hidden)).contiguous()  # (B, K, C, D)
-        self.values = split(attn.proj_val(hidden)).contiguous()  # (B, K, C, D)
+        self.keys = split_heads(attn.proj_key(hidden), K).expand(B, -1, -1, -1).contiguous()  # (B, K, C, D)
+        self.values = split_heads(attn.proj_val(hidden), K).expand(B, -1, -1, -1).contiguous()  # (B, K, C, D)
         self.spans = self.expire.spans(hidden).expand(B, -1).contiguous()  # (B, C)
         self.positions = (P - ages).expand(B, -1).contiguous()  # (B, C)
 

@@ -8,7 +8,8 @@ N persistent vectors, V vocabulary.
 
 Layers are post-LayerNorm: ``h = LN1(h + Attn(h))`` then ``LN2(h + FF(h))``
 (no FF and no LN2 when persistent memory replaces it). The cache of layer l
-holds the last ``cache_size`` inputs of layer l, detached.
+holds the last ``cache_size`` inputs of layer l, detached; with expire span, its
+unexpired inputs with their spans and ages (expire_span.py), a length that varies.
 """
 from typing import List, Optional
 

@@ -166,3 +166,14 @@ def test_expire_attention_matches_a_loop_over_non_contiguous_memories():
                 want[b, j, cols] = sum(x / total * t[2] for x, t in zip(p, terms))
     assert seen_partial > 3  # the ramp is exercised
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_noisy_spans_are_clamped_to_one_random_fraction_in_training_only():
+    module = ExpireSpan(4, 100, 8, 1.0, 0.9, 0.0, noisy=True)
+    spans = torch.full((3, 7), 90.0)
+    torch.manual_seed(4)
+    limit = torch.rand(()).item() * 100
+    torch.manual_seed(4)
+    clamped = module.train().noisy_spans(spans)
+    assert torch.equal(clamped, torch.full((3, 7), min(90.0, limit))) and limit < 90
+    assert torch.equal(module.eval().noisy_spans(spans), spans)
