@@ -31,6 +31,11 @@ def check_flags(s: Settings) -> None:
     if m.adapt_span_dynamic and r.compile:
         raise ConfigError("--compile does not support --adapt-span-dynamic (its windows follow each "
                           "block's input); drop one of the two")
+    if m.expire_span and m.adapt_span:
+        raise ConfigError("--expire-span and --adapt-span are two ways of learning the context; drop one of the two")
+    if m.expire_span and r.compile:
+        raise ConfigError("--compile does not support --expire-span (its memory length changes every block); "
+                          "drop one of the two")
     if m.adapt_io_tied and not m.adapt_io:
         raise ConfigError("--adapt-io-tied needs --adapt-io")
     if r.eval_other_data and not r.full_eval_mode:

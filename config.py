@@ -15,6 +15,7 @@ GROUPS = [
     ("data", "the text to train on (docs/data.md)"),
     ("model", "the Transformer: relative-position attention over a cache of past blocks"),
     ("adaptive span", "each head learns how far back it attends (Sukhbaatar et al., 2019)"),
+    ("expire span", "each memory learns how long it stays (Sukhbaatar et al., 2021; docs/modules.md)"),
     ("persistent memory", "all-attention layers: learned key/value vectors in every attention layer"),
     ("adaptive input/softmax", "word-level models with large vocabularies (docs/modules.md)"),
     ("optimisation", "one step = one block of --block-sz tokens in each of --batch-sz streams"),
@@ -56,6 +57,7 @@ def valid_split(split: Sequence[float]) -> bool:
 COUNT, NON_NEGATIVE = at_least(1), at_least(0)
 PROBABILITY = Rule(lambda v: 0 <= v < 1, "{flag} is a probability in [0, 1), got {value}")
 POSITIVE = Rule(lambda v: math.isfinite(v) and v > 0, "{flag} must be positive, got {value}")
+OPEN_FRACTION = Rule(lambda v: 0 < v < 1, "{flag} is a fraction of --attn-lim in (0, 1), got {value}")
 FRACTION = Rule(lambda v: 0 <= v <= 1, "{flag} is a fraction of --attn-span in [0, 1], got {value}")
 POSITIVE_LIST = Rule(lambda v: min(v) >= 1, "{flag} must be positive, got {value}")
 SPLIT = Rule(valid_split, "{flag} {value}: give three positive fractions (train, valid, test) that sum "
@@ -122,6 +124,21 @@ class ModelConfig:
     adapt_span_dynamic: bool = fixed(False, "--adapt-span-dynamic", "spans that depend on the input, "
                                      "z = L sigmoid(v.x + b) per head and position (with --adapt-span)",
                                      "adaptive span")
+    expire_span: bool = fixed(False, "--expire-span", "each memory gets a span e = L sigmoid(w.h/s + b) and is "
+                              "dropped once every later query's mask is 0 (not with --adapt-span)", "expire span")
+    attn_lim: int = fixed(16384, "--attn-lim", "the longest expire span L, in tokens (--attn-span position "
+                          "embeddings cover the nearest distances; beyond, content only)", "expire span",
+                          rule=COUNT)
+    expire_span_pre_div: float = fixed(1.0, "--expire-span-pre-div", "s: the hidden state is divided by it "
+                                       "before the span predictor", "expire span", rule=POSITIVE)
+    expire_span_init_percentage: float = fixed(0.1, "--expire-span-init-percentage", "initial span, as a "
+                                               "fraction of --attn-lim", "expire span", rule=OPEN_FRACTION)
+    expire_span_ramp: int = fixed(32, "--expire-span-ramp", "length R of the expire mask's ramp, in tokens",
+                                  "expire span", rule=COUNT)
+    expire_span_loss: float = setting(0.0, "--expire-span-loss", "coefficient of the auxiliary loss on the "
+                                      "spans inside the ramp", "expire span", rule=NON_NEGATIVE)
+    expire_span_noisy: bool = setting(False, "--expire-span-noisy", "in training, clamp the spans to a random "
+                                      "fraction of --attn-lim, drawn per block and layer", "expire span")
     pers_mem_size: int = fixed(0, "--pers-mem-size", "persistent key/value vectors per head and layer; > 0 "
                                "removes the feed-forward sublayer", "persistent memory", rule=NON_NEGATIVE)
     pers_mem_keep_ff: bool = fixed(False, "--pers-mem-keep-ff", "keep the feed-forward sublayer with "

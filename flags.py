@@ -73,7 +73,7 @@ def group_fields(title: str) -> List[Field]:
 
 # (title, description, dests): the groups of --help, in order, with their flags
 FLAG_GROUPS = [(title, description, tuple(dest(f) for f in group_fields(title))) for title, description in GROUPS]
-MODEL_GROUPS = ("model", "adaptive span", "persistent memory", "adaptive input/softmax")
+MODEL_GROUPS = ("model", "adaptive span", "expire span", "persistent memory", "adaptive input/softmax")
 
 
 def add_flag_groups(parser: argparse.ArgumentParser, titles: Optional[Sequence[str]] = None, title: str = "",

@@ -32,6 +32,10 @@ The windows are those of the attention path in use:
   ``adaptive_span.head_window``);
 - ``reference``: L' for every head of the layer;
 - ``max``: L for every head (a fixed span at the maximum).
+With expire span (expire_attention.py) a query of the block scores every kept memory and
+the block's earlier positions, C_l + (M - 1) / 2 keys on average over the block (C_l the
+layer's memory length after the last training block), with position logits over
+min(P, keys) of them (P = --attn-span); ``attn_max`` counts C_l = --attn-lim + ramp.
 This is the useful work of the attention. The implementations do more: the
 reference's dense content product scores M + L' keys per query and keeps L', the
 grouped path's banded product scores chunk + W (and its cost model may score a head
@@ -40,7 +44,7 @@ the keys and values of the cached positions at every block. scripts/bench.py cou
 that executed work.
 """
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Sequence
 
 from adaptive_io import cluster_bounds, cluster_dims
 from models import ModelConfig, TransformerSeq
@@ -124,13 +128,26 @@ def io_flops(cfg: ModelConfig) -> float:
     return float(total)
 
 
+def expire_attention_flops(cfg: ModelConfig, memory: Sequence[float], block: int) -> float:
+    """Per token, over the layers: the expire-span attention over ``memory[l]`` kept
+    memories and the block's (M - 1) / 2 earlier positions on average."""
+    keys = [c + (block - 1) / 2 for c in memory]
+    return float(sum(cfg.nheads * 2 * cfg.head_dim * (2 * k + min(cfg.attn_span, k)) for k in keys))
+
+
 def model_flops(cfg: ModelConfig, windows: List[List[int]]) -> float:
     return cfg.nlayers * layer_dense_flops(cfg) + attention_flops(cfg, windows) + io_flops(cfg)
 
 
-def flops_per_token(model: TransformerSeq) -> Flops:
-    """The forward FLOPs per token of ``model`` with its current spans."""
+def flops_per_token(model: TransformerSeq, memory: Optional[Sequence[int]] = None, block: int = 1) -> Flops:
+    """The forward FLOPs per token of ``model`` with its current spans; with expire span,
+    at ``memory`` kept memories per layer (the longest possible when None) for blocks of M."""
     cfg = model.cfg
+    if cfg.expire_span:
+        longest = [cfg.attn_lim + cfg.expire_span_ramp] * cfg.nlayers
+        attn = expire_attention_flops(cfg, memory if memory is not None else longest, block)
+        return Flops(attn=attn, attn_max=expire_attention_flops(cfg, longest, block),
+                     model=cfg.nlayers * layer_dense_flops(cfg) + attn + io_flops(cfg))
     windows = layer_windows(model)
     return Flops(attn=attention_flops(cfg, windows),
                  attn_max=attention_flops(cfg, layer_windows(model, "max")),

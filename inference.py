@@ -34,6 +34,9 @@ Memory: 2 x B x sum over layers and heads of W x D floats (55 MiB in float32 for
 enwik8-size model of scripts/bench.py --generation), against B x C x H floats per layer
 for the hidden-state caches.
 
+With --expire-span each layer keeps the projected keys and values of its unexpired memories
+instead (expire_inference.py).
+
 The prompt runs through the model's own forward in blocks; the cached hidden states it
 returns (the last C >= W inputs of every layer) are projected once into the rings.
 """
@@ -43,6 +46,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from attention import attention_weights, head_windows, kept_length
+from expire_inference import ExpireLayerKV
 from models import SeqAttention, TransformerSeq, TransformerSeqLayer
 
 
@@ -199,7 +203,8 @@ class KVCache:
         self._layouts = {}  # ring layout -> (ring_base, ring_size), shared by layers
         self._slots = {}  # this step's ring slot per (b, head), per layout
         with torch.no_grad():
-            self.plans = [LayerKV(self, layer, shared_pe) for layer in model.layers]
+            self.plans = [ExpireLayerKV(self, layer) if layer.expire is not None
+                          else LayerKV(self, layer, shared_pe) for layer in model.layers]
 
     def memory_bytes(self) -> int:
         """Bytes held by the rings (keys and values) of every layer."""

@@ -8,7 +8,8 @@ N persistent vectors, V vocabulary.
 
 Layers are post-LayerNorm: ``h = LN1(h + Attn(h))`` then ``LN2(h + FF(h))``
 (no FF and no LN2 when persistent memory replaces it). The cache of layer l
-holds the last ``cache_size`` inputs of layer l, detached.
+holds the last ``cache_size`` inputs of layer l, detached; with expire span, its
+unexpired inputs with their spans and ages (expire_span.py), a length that varies.
 """
 from typing import List, Optional
 
@@ -20,6 +21,8 @@ from adaptive_io import build_adaptive_io, tied_counterpart, tied_mismatches, ze
 from adaptive_span import AdaptiveSpan, DynamicSpan, refresh_spans
 from attention import attention_plan, grouped_attention, reference_attention
 from config import ModelConfig  # noqa: F401  (the model's settings; importable from here)
+from expire_attention import expire_attention
+from expire_span import ExpireSpan, equal_lengths, key_positions, unpack
 from persistent_memory import PersistentMemory
 
 ATTN_IMPLS = {"grouped": grouped_attention, "reference": reference_attention}  # config.ATTN_IMPL_NAMES
@@ -36,6 +39,11 @@ class SeqAttention(nn.Module):
         self.impl = ATTN_IMPLS[cfg.attn_impl]
         self.adaptive_span = None
         self.persistent_memory = None
+        self.expire_span = None
+        if cfg.expire_span:
+            self.expire_span = ExpireSpan(cfg.hidden_size, cfg.attn_lim, cfg.expire_span_ramp,
+                                          cfg.expire_span_pre_div, cfg.expire_span_init_percentage,
+                                          cfg.expire_span_loss, cfg.expire_span_noisy)
         if cfg.adapt_span and cfg.adapt_span_dynamic:
             self.adaptive_span = DynamicSpan(cfg.attn_span, cfg.nheads, cfg.hidden_size,
                                              cfg.adapt_span_ramp, cfg.adapt_span_init,
@@ -55,12 +63,18 @@ class SeqAttention(nn.Module):
     def plan(self, batch: int, block: int, max_span: int) -> Optional[tuple]:
         """The integers of this layer's attention (``attention.attention_plan``); None with a
         dynamic span, whose integers follow each block's input."""
-        if self.dynamic:
+        if self.dynamic or self.expire_span is not None:
             return None
         return attention_plan(self.adaptive_span, self.nheads, max_span, batch, block,
                               self.head_dim)
 
-    def forward(self, query, h_all, w_key, w_val, key_pe, plan=None):
+    def forward(self, query, h_all, w_key, w_val, key_pe, plan=None, positions=None):
+        """``positions`` (B, C+M): each key's position from the block's first query, with
+        expire span (``expire_attention``)."""
+        if self.expire_span is not None:
+            return expire_attention(query, h_all, positions, w_key, w_val, key_pe, self.nheads,
+                                    self.expire_span, self.persistent_memory, self.dropout,
+                                    self.training)  # (B, M, H)
         if self.dynamic:  # the block's spans, from the layer input (the last M rows of h_all)
             self.adaptive_span.observe(h_all[:, h_all.size(1) - query.size(1):])
         return self.impl(query, h_all, w_key, w_val, key_pe, self.nheads, self.adaptive_span,
@@ -86,9 +100,13 @@ class MultiHeadSeqAttention(nn.Module):
         if not isinstance(cache, torch.Tensor):  # generation: keys and values projected once
             return cache.attend(h, self.attn)  # (B, M, H)
         query = self.proj_query(h)  # (B, M, H)
+        positions = None
+        if self.attn.expire_span is not None:  # cache: expire_span's memory (B, C, H+2)
+            cache, _, ages = unpack(cache)  # (B, C, H), _, (B, C)
+            positions = key_positions(ages, h.size(1))  # (B, C+M)
         h_all = torch.cat([cache, h], dim=1)  # (B, C+M, H)
         out = self.attn(query, h_all, self.proj_key.weight, self.proj_val.weight, key_pe,
-                        plan)  # (B, M, H)
+                        plan, positions)  # (B, M, H)
         return self.proj_out(out)  # (B, M, H)
 
 
@@ -119,6 +137,10 @@ class TransformerSeqLayer(nn.Module):
     @property
     def span(self) -> Optional[AdaptiveSpan]:
         return self.attn.attn.adaptive_span
+
+    @property
+    def expire(self) -> Optional[ExpireSpan]:
+        return self.attn.attn.expire_span
 
     def forward(self, h: torch.Tensor, cache, key_pe: torch.Tensor,
                 plan: Optional[tuple] = None) -> torch.Tensor:
@@ -170,7 +192,7 @@ class TransformerSeq(nn.Module):
         next_caches = []
         B, M = x.shape
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
-            next_caches.append(update_cache(cache, h, self.layer_cache_size(layer)))  # (B, C', H)
+            next_caches.append(self.next_cache(layer, cache, h))  # (B, C', H) or (B, C', H+2)
             plan = layer.attn.attn.plan(B, M, self.cfg.attn_span)
             run = self.compiled_layers[i] if self.compiled_layers else layer
             h = run(h, cache, self.key_pe, plan)  # (B, M, H)
@@ -192,6 +214,28 @@ class TransformerSeq(nn.Module):
         return -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, M)
 
     # ---- cache -------------------------------------------------------------
+    def next_cache(self, layer: TransformerSeqLayer, cache: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The layer's cache after the block whose layer input is h (B, M, H): its last
+        positions, or with expire span the memories that have not expired (B, C', H+2)."""
+        if layer.expire is not None:
+            return layer.expire.next_memory(cache, h)  # (B, C', H+2)
+        return update_cache(cache, h, self.layer_cache_size(layer))  # (B, C', H)
+
+    def join_rows(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """One layer's caches of groups of rows (e.g. the passes of --batch-split) stacked
+        (B, C, ...); expire-span memories of unequal lengths are first padded in front with
+        memories that no query weighs (``expire_span.equal_lengths``)."""
+        if self.cfg.expire_span and len({p.size(1) for p in parts}) > 1:
+            parts = equal_lengths(parts, self.cfg.attn_lim, self.cfg.expire_span_ramp)
+        return torch.cat(parts, dim=0)  # (B, C, ...)
+
+    def clear_cache(self, caches: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The caches of streams that start afresh: zeros of the same shape, as the
+        reference; with expire span an empty memory (B, 0, H+2)."""
+        if self.cfg.expire_span:
+            return [c[:, :0].clone() for c in caches]  # (B, 0, H+2)
+        return [torch.zeros_like(c) for c in caches]  # (B, C, H)
+
     def layer_cache_size(self, layer: TransformerSeqLayer) -> int:
         return layer.span.cache_size() if layer.span is not None else self.cfg.attn_span
 
@@ -202,6 +246,8 @@ class TransformerSeq(nn.Module):
         """Zero hidden states for every layer, as the reference starts."""
         device = device if device is not None else self.key_pe.device
         H = self.cfg.hidden_size
+        if self.cfg.expire_span:  # an empty memory: hidden states, spans and ages (expire_span.py)
+            return [torch.zeros(batch_size, 0, H + 2, device=device) for _ in self.layers]  # (B, 0, H+2)
         return [torch.zeros(batch_size, size, H, device=device) for size in self.cache_sizes()]  # (B, C, H)
 
     # ---- adaptive span -----------------------------------------------------
@@ -209,8 +255,10 @@ class TransformerSeq(nn.Module):
         return [layer.span for layer in self.layers if layer.span is not None]
 
     def span_loss(self) -> torch.Tensor:
-        """Sum over layers of ``lambda * L * mean_heads(current_val)``."""
+        """Sum over layers of ``lambda * L * mean_heads(current_val)``; with expire span, the
+        auxiliary losses of the last training forward (``ExpireSpan.loss``, taken once)."""
         losses = [span.loss() for span in self._spans()]
+        losses += [layer.expire.loss() for layer in self.layers if layer.expire is not None]
         return torch.stack(losses).sum() if losses else self.key_pe.new_zeros(())
 
     def clamp_spans(self) -> None:

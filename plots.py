@@ -69,6 +69,34 @@ def spans_image(head_spans: List[List[int]], max_span: int) -> Optional[np.ndarr
     return spans_figure(head_spans, max_span)
 
 
+def memory_plot(ages: List[List[float]], spans: List[List[float]], attn_lim: int, block: int):
+    """Expire span: where the kept memories of one stream sit after the last block, per layer
+    (``ages[l]``: their distances to the next query, ``spans[l]``: their spans, the colour)."""
+    fig = _figure(8.0, max(2.5, 0.35 * len(ages) + 1.5))
+    ax = fig.add_subplot(1, 1, 1)
+    for layer, (a, e) in enumerate(zip(ages, spans)):
+        points = ax.scatter(a, [layer] * len(a), c=e, s=6, cmap="viridis", vmin=0, vmax=attn_lim)
+    fig.colorbar(points, ax=ax, label="expire span e")
+    ax.axvline(block, color="grey", linestyle=":", linewidth=1)
+    ax.axvline(attn_lim, color="black", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, attn_lim * 2)
+    ax.set_xlabel("distance to the next query (dotted: block, dashed: --attn-lim)")
+    ax.set_ylabel("layer")
+    ax.set_title("kept memories of stream 0")
+    return fig
+
+
+def memory_image(ages: List[List[float]], spans: List[List[float]], attn_lim: int,
+                 block: int) -> Optional[np.ndarray]:
+    """``memory_plot`` as an HWC uint8 image, or None when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    return figure_to_array(memory_plot(ages, spans, attn_lim, block))
+
+
 def flops_plot(steps: Sequence[int], series: Dict[str, Sequence[float]], title: str = ""):
     """A matplotlib Figure of FLOPs per token against the training step (log scale)."""
     fig = _figure(7.0, 4.0)

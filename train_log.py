@@ -5,6 +5,7 @@ import math
 import sys
 import time
 
+import expire_span
 import flops
 import plots  # matplotlib is imported lazily, only for the spans image
 from evaluation import to_unit
@@ -18,12 +19,27 @@ def log_to(dist: DistInfo):
     return (lambda msg: print(msg, flush=True)) if dist.is_main else (lambda msg: None)
 
 
-def iteration_line(state, train_nll: float, val_nll: float, ms: float, stats: dict, cost) -> str:
+def span_figures(state):
+    """The spans' figures over the layers (the log line's) and per layer (TensorBoard's), and
+    the FLOPs per token: of adaptive span, or of expire span's training memories (with the
+    memory length, ``mem``)."""
+    model = state.model
+    if not model.cfg.expire_span:
+        return model.span_stats(), model.layer_span_stats(), flops.flops_per_token(model)
+    layers = expire_span.memory_stats(state.trainer.train_cache)
+    cost = flops.flops_per_token(model, [s["mem"] for s in layers], state.settings.train.block_size)
+    return expire_span.summary(layers), layers, cost
+
+
+def iteration_line(state, train_nll: float, val_nll: float, ms: float, stats: dict, cost,
+                   layers=()) -> str:
     unit = state.settings.data.unit
     line = (f"steps: {state.step} train: {to_unit(train_nll, unit):.3f}{unit} "
             f"val: {to_unit(val_nll, unit):.3f}{unit} ms/batch: {ms:.1f}")
     if stats:
         line += f" span_avg: {stats['span_avg']:.1f} span_max: {stats['span_max']:.0f}"
+    if "mem_max" in stats:  # expire span: each layer's memory length
+        line += " mem: " + "/".join(str(s["mem"]) for s in layers)
     line += " " + cost.log_text()
     if state.trainer.nonfinite_total:
         line += f" nonfinite_skipped: {state.trainer.nonfinite_total}"
@@ -34,9 +50,8 @@ def log_iteration(state, train_nll: float, val_nll: float, ms: float, metrics: M
                   grad_norm: float = math.nan) -> None:
     """The iteration's line, its entry in the history and its TensorBoard figures."""
     model, unit, steps, history = state.model, state.settings.data.unit, state.step, state.history
-    stats = model.span_stats()
-    cost = flops.flops_per_token(model)  # forward FLOPs per token at the current spans
-    log(iteration_line(state, train_nll, val_nll, ms, stats, cost))
+    stats, layers, cost = span_figures(state)  # cost: forward FLOPs per token at the current spans
+    log(iteration_line(state, train_nll, val_nll, ms, stats, cost, layers))
     history.setdefault("step", []).append(steps)
     history.setdefault(f"train_{unit}", []).append(to_unit(train_nll, unit))
     history.setdefault(f"val_{unit}", []).append(to_unit(val_nll, unit))
@@ -50,16 +65,32 @@ def log_iteration(state, train_nll: float, val_nll: float, ms: float, metrics: M
                             **{f"span/{k}": v for k, v in stats.items()},
                             "train/grad_norm": grad_norm, **cost.metrics(),
                             **{f"span_{kind}/layer_{l:02d}": value
-                               for l, layer in enumerate(model.layer_span_stats())
+                               for l, layer in enumerate(layers)
                                for kind, value in layer.items()},
                             **({f"span_head/l{l:02d}h{h:02d}": float(span)  # each head, for the study
                                 for l, layer in enumerate(model.head_spans()) for h, span in enumerate(layer)}
-                               if stats else {})})
+                               if stats and not model.cfg.expire_span else {})})
+    if model.cfg.expire_span:
+        log_memory(state, metrics, steps)
+        return
     metrics.histogram(steps, "span/heads", [s for layer in model.head_spans() for s in layer])
     if stats and metrics.writer is not None and len(history["step"]) % 10 == 1:  # first, then every 10th
         image = plots.spans_image(model.head_spans(), model.cfg.attn_span)  # None without matplotlib
         if image is not None:
             metrics.image(steps, "span/heads_figure", image)
+
+
+def log_memory(state, metrics: MetricsLog, steps: int) -> None:
+    """Expire span: where the kept memories of stream 0 sit after the last training block (a
+    histogram of their distances, all layers; the first, then every 10th iteration, a figure)."""
+    memories = [expire_span.unpack(m) for m in state.trainer.train_cache]
+    ages = [m[2][0].tolist() for m in memories]  # per layer: distances to the next query
+    metrics.histogram(steps, "expire/memory_ages", [a for layer in ages for a in layer])
+    if metrics.writer is not None and len(state.history["step"]) % 10 == 1:
+        spans = [m[1][0].tolist() for m in memories]
+        image = plots.memory_image(ages, spans, state.model.cfg.attn_lim, state.settings.train.block_size)
+        if image is not None:
+            metrics.image(steps, "expire/memory_figure", image)
 
 
 class Progress:

@@ -20,6 +20,7 @@ import torch
 
 from checkpoint import FORMAT, is_reference, previous_path
 from data import trained_token_ids
+from expire_span import equal_lengths
 from models import from_reference_state_dict
 from optim import build_optimizer
 from settings import Settings
@@ -114,8 +115,8 @@ class TrainState:
         else:
             log(f"resuming {len(ranks)}-rank state on {dist.world_size} ranks: caches resharded, "
                 "stream positions kept, dropout random states re-derived from rank 0's")
-            t.train_cache = _reshard([r["train_cache"] for r in ranks], dist)
-            t.valid_cache = _reshard([r["valid_cache"] for r in ranks], dist)
+            t.train_cache = _reshard([r["train_cache"] for r in ranks], dist, self.model.cfg)
+            t.valid_cache = _reshard([r["valid_cache"] for r in ranks], dist, self.model.cfg)
             set_rng_state(ranks[0]["rng"])
             torch.manual_seed(int(torch.randint(2**31, ()).item()) + dist.rank)
         t.train_stream.load_state_dict(ranks[0]["train_stream"])
@@ -128,10 +129,13 @@ class TrainState:
         return f"resumed from {source} at step {self.step} (iteration {self.done})"
 
 
-def _reshard(tensors_per_rank: List[List[torch.Tensor]], dist: DistInfo) -> List[torch.Tensor]:
-    """Per-layer caches of the old ranks, concatenated over rows, re-cut for this rank."""
+def _reshard(tensors_per_rank: List[List[torch.Tensor]], dist: DistInfo, cfg) -> List[torch.Tensor]:
+    """Per-layer caches of the old ranks, concatenated over rows, re-cut for this rank: cut to
+    the shortest, or with expire span padded to the longest with memories no query weighs."""
     out = []
     for layer in zip(*tensors_per_rank):
+        if cfg.expire_span and len({t.size(1) for t in layer}) > 1:
+            layer = equal_lengths(list(layer), cfg.attn_lim, cfg.expire_span_ramp)
         size = min(t.size(1) for t in layer)
         full = torch.cat([t[:, t.size(1) - size:] for t in layer], dim=0)  # (B, C, H)
         rows = full.size(0) // dist.world_size

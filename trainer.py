@@ -64,7 +64,7 @@ class Trainer:
             loss_sum += loss.detach()
             for parts_l, c in zip(parts, caches):
                 parts_l.append(c)
-        self.train_cache = [torch.cat(p, dim=0) for p in parts]  # (B, C, H)
+        self.train_cache = [self.model.join_rows(p) for p in parts]  # (B, C, H)
         return loss_sum / S
 
     def _update(self) -> Tuple[float, bool]:
@@ -99,7 +99,7 @@ class Trainer:
         loss = self._forward_backward(x, y)
         norm, applied = self._update()
         if self.train_stream.advance():
-            self.train_cache = [torch.zeros_like(c) for c in self.train_cache]
+            self.train_cache = self.model.clear_cache(self.train_cache)
         loss = loss.item()
         self.iter_step += 1
         if applied and math.isfinite(loss):
@@ -110,7 +110,8 @@ class Trainer:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
             # a forward that overflowed must not poison the next blocks through the cache
-            self.train_cache = [c if torch.isfinite(c).all() else torch.zeros_like(c) for c in self.train_cache]
+            self.train_cache = [c if torch.isfinite(c).all() else self.model.clear_cache([c])[0]
+                                for c in self.train_cache]
         return {"loss": loss, "grad_norm": norm, "applied": applied and math.isfinite(loss)}
 
     def sync_iteration(self) -> None:
@@ -140,6 +141,6 @@ class Trainer:
                                                        y.to(self.dist.device))  # (B, M)
             total += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), device=nll.device)])
             if self.valid_stream.advance():
-                self.valid_cache = [torch.zeros_like(c) for c in self.valid_cache]
+                self.valid_cache = self.model.clear_cache(self.valid_cache)
         all_reduce_sum(total, self.dist)
         return (total[0] / total[1]).item()

@@ -264,6 +264,10 @@ CONFIGS = {  # name: (published parameter count in millions, flags that must be 
     "enwik8_pers": ("114.02", "--nlayers 36 --hid-sz 512 --inner-hid-sz 1 --pers-mem-size 2048 "
                     "--dropout 0.4 --adapt-span-loss 1e-7 --batch-split 2 --niter 200"
                     " | --lr 0.007 --niter 210"),
+    "enwik8_expire": ("38.05", "--nlayers 12 --hid-sz 512 --inner-hid-sz 2048 --nheads 8 --attn-span 512 "
+                      "--block-sz 512 --batch-sz 512 --optim adam --lr 7e-4 --lr-warmup 8000 "
+                      "--grad-clip 0.3 --dropout 0.3 --expire-span --attn-lim 16384 --expire-span-ramp 128 "
+                      "--expire-span-loss 1e-6 --nbatches 1000 --niter 100 | --lr 7e-5 --niter 110"),
     "wiki103_pers": ("132.49", "--nlayers 36 --hid-sz 512 --inner-hid-sz 1 --pers-mem-size 2048 "
                      "--attn-span 2048 --block-sz 256 --batch-sz 64 --optim adam --lr 2.5e-4 "
                      "--lr-warmup 8000 --grad-clip 1 --dropout 0.3 --emb-dropout 0.1 "
@@ -293,7 +297,7 @@ def test_published_flags(name):
     assert len(lines) == len(wanted)  # one line per training phase
     for line, phase in zip(lines, wanted):
         flags = parse_flags(line)
-        common = parse_flags(CHAR_COMMON) if name != "wiki103_pers" else {}
+        common = parse_flags(CHAR_COMMON) if name not in ("wiki103_pers", "enwik8_expire") else {}
         for key, value in {**common, **parse_flags(wanted[0]), **parse_flags(phase)}.items():
             assert flags.get(key) == value, (key, line)
         assert flags["--checkpoint"] == f"checkpoints/{name}.pt" and flags["--seed"] == "3"
