@@ -32,7 +32,9 @@ The rings of a layer are views of one key buffer (D, S) and one value buffer (S,
 the new position's keys and values go into every head's ring with one ``index_copy_``.
 Memory: 2 x B x sum over layers and heads of W x D floats (55 MiB in float32 for the
 enwik8-size model of scripts/bench.py --generation), against B x C x H floats per layer
-for the hidden-state caches.
+for the hidden-state caches; plus a copy of each layer's projection and feed-forward weights,
+transposed for row-vector products (x @ w), the memory order a one-row product reads faster
+(144 MiB for that model; python scripts/bench_generation_ab.py).
 
 The prompt runs through the model's own forward in blocks; the cached hidden states it
 returns (the last C >= W inputs of every layer) are projected once into the rings.

@@ -1,7 +1,8 @@
 """Generation A/B: ``KVCache.step`` of another checkout (``--old``, e.g. ``git worktree add
-/tmp/old d87466e``) against this one, both loaded into this process, on the enwik8-size model
-of ``bench.py --generation`` (12 layers, H=512, K=8, FF 2048, L=8192, head spans 32..8192 in
-every layer, V=205), batch 1, one token per step after a 512-token prompt, the same weights.
+/tmp/old d87466e``) against this one (or ``--new``), both loaded into this process, on the
+enwik8-size model of ``bench.py --generation`` (12 layers, H=512, K=8, FF 2048, L=8192, head
+spans 32..8192 in every layer, V=205), batch 1, one token per step after a 512-token prompt,
+the same weights.
 
 Rounds of ``--tokens`` steps alternate between the two (order flipped every round); printed:
 the medians of this process's CPU time per token (``time.process_time``, which other jobs on
@@ -60,11 +61,12 @@ def build(mods: dict, state: dict = None):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", type=Path, required=True, help="the other checkout's folder")
+    p.add_argument("--new", type=Path, default=ROOT, help="the checkout compared with it")
     p.add_argument("--tokens", type=int, default=20, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=21, help="rounds per side")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    trees = {"old": load_tree(args.old.resolve()), "new": load_tree(ROOT)}
+    trees = {"old": load_tree(args.old.resolve()), "new": load_tree(args.new.resolve())}
     new = build(trees["new"])
     models = {"old": build(trees["old"], new.state_dict()), "new": new}
     prompt = torch.randint(0, 205, (1, 512), generator=torch.Generator().manual_seed(1))  # (1, P)
