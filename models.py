@@ -112,7 +112,7 @@ class FeedForward(nn.Module):
 def _linear(x: torch.Tensor, fc: nn.Linear, weight_t: Optional[torch.Tensor]) -> torch.Tensor:
     """``fc(x)``; with ``weight_t`` (in, out), fc's weight transposed and contiguous, the same
     product for rows x (B, in), from the memory order that one-row products read faster
-    (python scripts/bench.py --generation)."""
+    (python scripts/bench_generation_ab.py)."""
     if weight_t is None:
         return fc(x)  # (…, out)
     return torch.addmm(fc.bias, x, weight_t)  # (B, out)
