@@ -171,12 +171,19 @@ class SpanReaders:
         return self.state().cache
 
 
+# The renormalisation's 1e-8 as a CPU scalar tensor of the probabilities' dtype: the same
+# value (and sums) as the Python number, without wrapping it in a new tensor at every call.
+_EPS = {dtype: torch.tensor(1e-8, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+
+
 def mask_renormalise(probs: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """Probabilities (…, W) times the span mask, renormalised as the reference does:
     ``p m / (sum(p m) + 1e-8)``. ``in_place`` reuses ``probs`` (only without autograd)."""
-    probs = probs.mul_(mask) if in_place else probs * mask  # (…, W)
-    total = probs.sum(-1, keepdim=True) + 1e-8  # (…, 1)
-    return probs.div_(total) if in_place else probs / total  # (…, W)
+    if not in_place:
+        probs = probs * mask  # (…, W)
+        return probs / (probs.sum(-1, keepdim=True) + 1e-8)  # (…, W)
+    total = probs.mul_(mask).sum(-1, keepdim=True).add_(_EPS.get(probs.dtype, 1e-8))  # (…, 1)
+    return probs.div_(total)  # (…, W)
 
 
 class AdaptiveMask(nn.Module):

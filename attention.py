@@ -86,24 +86,26 @@ def fit_memory(h_all: torch.Tensor, block: int, keep: int) -> torch.Tensor:
 
 def attention_weights(logits: torch.Tensor, head_dim: int, span_mask: Optional[torch.Tensor] = None,
                       pers_logits: Optional[torch.Tensor] = None, unseen: Optional[torch.Tensor] = None,
-                      dropout: float = 0.0, training: bool = False):
+                      dropout: float = 0.0, training: bool = False, scaled: bool = False):
     """The one computation from logits to attention weights, for every path (reference,
     grouped, the drop-in module, generation): softmax of the context logits (…, W) divided by
     sqrt(D), jointly with the persistent logits (…, N) when given; times the span mask
     (broadcast to (…, W)) and renormalised as ``p m / (sum(p m) [+ sum(p_pers)] + 1e-8)``;
     dropout on the context weights. ``unseen`` (bool, broadcast to (…, W)): keys left out
     of the softmax (padding, or positions beyond a head's own window when it is scored in a
-    wider group). Returns the context weights (…, W) and the persistent weights (…, N) or
-    None (``PersistentMemory.read`` applies their dropout)."""
+    wider group). ``scaled``: the logits are already divided by sqrt(D), their query having
+    been (generation's; exactly the same numbers when D is a power of 4). Returns the context
+    weights (…, W) and the persistent weights (…, N) or None (``PersistentMemory.read``
+    applies their dropout)."""
     if unseen is not None:
         logits = logits.masked_fill(unseen, torch.finfo(logits.dtype).min)  # (…, W)
     in_place = not torch.is_grad_enabled()  # no graph to keep intact
     if pers_logits is None:
-        probs = F.softmax(logits / math.sqrt(head_dim), dim=-1)  # (…, W)
+        probs = torch.softmax(logits if scaled else logits / math.sqrt(head_dim), -1)  # (…, W)
         if span_mask is not None:
             probs = mask_renormalise(probs, span_mask, in_place)  # (…, W)
-        return F.dropout(probs, dropout, training) if training else probs, None
-    probs, pers_probs = joint_softmax(logits, pers_logits, head_dim)  # (…, W), (…, N)
+        return F.dropout(probs, dropout, training) if training and dropout else probs, None
+    probs, pers_probs = joint_softmax(logits, pers_logits, None if scaled else head_dim)  # (…, W), (…, N)
     if span_mask is not None:
         probs = probs * span_mask  # (…, W)
         probs, pers_probs = joint_renormalise(probs, pers_probs)  # (…, W), (…, N)

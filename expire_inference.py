@@ -29,6 +29,7 @@ class ExpireLayerKV:
         self.pers = layer.attn.attn.persistent_memory
         self.keys = self.values = None  # (B, K, C, D) each
         self.spans = self.positions = None  # (B, C) each
+        self.ff_weights = None  # the feed-forward runs on the model's weights as stored
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)

@@ -32,7 +32,9 @@ The rings of a layer are views of one key buffer (D, S) and one value buffer (S,
 the new position's keys and values go into every head's ring with one ``index_copy_``.
 Memory: 2 x B x sum over layers and heads of W x D floats (55 MiB in float32 for the
 enwik8-size model of scripts/bench.py --generation), against B x C x H floats per layer
-for the hidden-state caches.
+for the hidden-state caches; plus a copy of each layer's projection and feed-forward weights,
+transposed for row-vector products (x @ w), the memory order a one-row product reads faster
+(144 MiB for that model; python scripts/bench_generation_ab.py).
 
 With --expire-span each layer keeps the projected keys and values of its unexpired memories
 instead (expire_inference.py).
@@ -40,6 +42,7 @@ instead (expire_inference.py).
 The prompt runs through the model's own forward in blocks; the cached hidden states it
 returns (the last C >= W inputs of every layer) are projected once into the rings.
 """
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -107,10 +110,15 @@ class LayerKV:
             start = stop
         attn = layer.attn
         # the layer's projection weights, transposed for row-vector products (x @ w): one
-        # product gives a position's query, key and value
-        self.w_qkv = torch.cat([attn.proj_query.weight, attn.proj_key.weight,
+        # product gives a position's query (divided by sqrt(D), so its logits come scaled:
+        # ``attention_weights(..., scaled=True)``), key and value
+        w_query = attn.proj_query.weight / math.sqrt(attn.attn.head_dim)  # (H, H)
+        self.w_qkv = torch.cat([w_query, attn.proj_key.weight,
                                 attn.proj_val.weight]).t().contiguous()  # (H, 3H)
         self.w_out = attn.proj_out.weight.t().contiguous()  # (H, H)
+        ff = layer.ff  # the feed-forward's weights in the same order (FeedForward.forward)
+        self.ff_weights = (ff.fc1.weight.t().contiguous(), ff.fc2.weight.t().contiguous()) \
+            if ff is not None else None  # (H, I), (I, H)
         self.keys = self.values = None  # (D, S), (S, D)
         self.ring_base = self.ring_size = None  # (BK,) each: column of slot 0, window W; model head order
 
@@ -168,7 +176,7 @@ class LayerKV:
         mask = g.mask.narrow(2, W - r, W) if g.mask is not None else None  # (G, 1, W)
         pers = self.pers
         pers_logits = pers.logits(q.unsqueeze(2), g.heads) if pers is not None else None  # (B, G, 1, N)
-        probs, pers_probs = attention_weights(logits, D, mask, pers_logits)  # (B, G, 1, W), (B, G, 1, N): eval
+        probs, pers_probs = attention_weights(logits, D, mask, pers_logits, scaled=True)  # (B, G, 1, W), (B, G, 1, N)
         out = torch.bmm(probs.view(B * G, 1, W), g.values).view(B, G, D)  # (B, G, D)
         if pers_probs is not None:
             out = out + pers.read(pers_probs, g.heads).view(B, G, D)  # (B, G, D)

@@ -117,10 +117,23 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(inner_size, hidden_size)
         self.dropout = dropout
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        inner = F.relu(self.fc1(h))  # (B, M, I)
-        inner = F.dropout(inner, self.dropout, self.training)  # (B, M, I)
-        return self.fc2(inner)  # (B, M, H)
+    def forward(self, h: torch.Tensor, weights: Optional[tuple] = None) -> torch.Tensor:
+        """``weights``: fc1's and fc2's weights transposed and contiguous, (H, I) and (I, H),
+        for rows h (B, H) (generation: ``inference.LayerKV.ff_weights``), else None."""
+        w1, w2 = weights if weights is not None else (None, None)
+        inner = F.relu(_linear(h, self.fc1, w1), inplace=not torch.is_grad_enabled())  # (B, M, I)
+        if self.training:
+            inner = F.dropout(inner, self.dropout, self.training)  # (B, M, I)
+        return _linear(inner, self.fc2, w2)  # (B, M, H)
+
+
+def _linear(x: torch.Tensor, fc: nn.Linear, weight_t: Optional[torch.Tensor]) -> torch.Tensor:
+    """``fc(x)``; with ``weight_t`` (in, out), fc's weight transposed and contiguous, the same
+    product for rows x (B, in), from the memory order that one-row products read faster
+    (python scripts/bench_generation_ab.py)."""
+    if weight_t is None:
+        return fc(x)  # (…, out)
+    return torch.addmm(fc.bias, x, weight_t)  # (B, out)
 
 
 class TransformerSeqLayer(nn.Module):
@@ -146,10 +159,12 @@ class TransformerSeqLayer(nn.Module):
                 plan: Optional[tuple] = None) -> torch.Tensor:
         """``plan``: the attention's integers (``SeqAttention.plan``), read from the span
         when None; a compiled layer is given them, so that they are guarded constants.
-        ``cache``: hidden states (B, C, H) or a key/value cache (``MultiHeadSeqAttention``)."""
+        ``cache``: hidden states (B, C, H) or a key/value cache (``MultiHeadSeqAttention``),
+        which also holds the feed-forward weights in row-product order (``FeedForward``)."""
         h = self.norm1(h + self.attn(h, cache, key_pe, plan))  # (B, M, H)
         if self.ff is not None:
-            h = self.norm2(h + self.ff(h))  # (B, M, H)
+            ff_weights = None if isinstance(cache, torch.Tensor) else cache.ff_weights
+            h = self.norm2(h + self.ff(h, ff_weights))  # (B, M, H)
         return h
 
 

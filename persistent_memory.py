@@ -13,6 +13,7 @@ stored as ``randn / sqrt(N)`` and used times ``sqrt(N)``: N(0, 1) at use, with
 the re-parametrisation (and the names ``key``, ``val``) of the reference.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -41,10 +42,12 @@ class PersistentMemory(nn.Module):
         return torch.matmul(probs, val.unsqueeze(0))  # (B, K', M, D)
 
 
-def joint_softmax(context: torch.Tensor, persistent: torch.Tensor, head_dim: int):
-    """One softmax over context (…, L') and persistent (…, N) logits divided by sqrt(D)."""
+def joint_softmax(context: torch.Tensor, persistent: torch.Tensor, head_dim: Optional[int]):
+    """One softmax over context (…, L') and persistent (…, N) logits divided by sqrt(D)
+    (``head_dim`` None: logits already divided)."""
     length = context.size(-1)
-    logits = torch.cat([context, persistent], dim=-1) / math.sqrt(head_dim)  # (…, L'+N)
+    logits = torch.cat([context, persistent], dim=-1)  # (…, L'+N)
+    logits = logits / math.sqrt(head_dim) if head_dim is not None else logits  # (…, L'+N)
     probs = F.softmax(logits, dim=-1)  # (…, L'+N)
     return probs[..., :length], probs[..., length:]  # (…, L'), (…, N)
 

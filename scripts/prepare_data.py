@@ -54,10 +54,9 @@ class Spec:
 SPECS = {
     "enwik8": Spec(["http://mattmahoney.net/dc/enwik8.zip"], "enwik8.zip", "enwik8", 100_000_000),
     "text8": Spec(["http://mattmahoney.net/dc/text8.zip"], "text8.zip", "text8", 100_000_000),
-    "wikitext-103": Spec(
-        ["https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
-         "https://wikitext.smerity.com/wikitext-103-v1.zip"],  # the authors' current mirror
-        "wikitext-103-v1.zip", "", 0),
+    "wikitext-103": Spec(["https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+                          "https://wikitext.smerity.com/wikitext-103-v1.zip"],  # the authors' current mirror
+                         "wikitext-103-v1.zip", "", 0),
 }
 
 
@@ -375,8 +374,7 @@ def parse_args(argv):
 
 def targets(args):
     if args.dataset == "all":
-        root = Path(args.dir or "data")
-        return [(name, root / name) for name in SPECS]
+        return [(name, Path(args.dir or "data") / name) for name in SPECS]
     return [(args.dataset, Path(args.dir or f"data/{args.dataset}"))]
 
 
@@ -387,11 +385,9 @@ def main(argv=None) -> int:
             test_size = None if name == "wikitext-103" else args.test_size
             prepare_one(name, out, args.from_archive, test_size)
         except PrepError as err:
-            hint = ""
-            if isinstance(err, ArchiveError):
-                hint = (f". To prepare it offline, download {SPECS[name].urls[0]} yourself and "
-                        f"run: bash scripts/get_data.sh {name} {out} --from-archive "
-                        f"PATH/{SPECS[name].archive}")
+            hint = "" if not isinstance(err, ArchiveError) else (
+                f". To prepare it offline, download {SPECS[name].urls[0]} yourself and run: "
+                f"bash scripts/get_data.sh {name} {out} --from-archive PATH/{SPECS[name].archive}")
             print(f"{PROG}: error: {name}: {err}{hint}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

@@ -126,7 +126,7 @@ SLOW = {
                        "test_nonfinite_run_stops_and_leaves_last_good_checkpoint",
                        "test_sigkill_mid_iteration_resumes_bitwise",
                        "test_signals_checkpoint_and_exit_then_resume_bitwise"],
-    "test_scripts.py": ["test_dry_run_of_a_launch_script"],
+    "test_scripts_launch.py": ["test_dry_run_of_a_launch_script"],
     "test_scripts_viz.py": ["test_generation_is_reproducible_with_a_seed"],
     "test_span_attention.py": ["test_trains_inside_a_gpt_style_model"],
     "test_study.py": ["test_gpu_dry_run_prints_each_runs_flags", "test_other_flags_in_the_same_out_is_an_error",

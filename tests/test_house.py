@@ -162,7 +162,10 @@ def test_main_is_wiring_and_files_and_functions_are_short():
     assert len((ROOT / "main.py").read_text().splitlines()) <= 200
     for m in ROOT_MODULES:
         assert len((ROOT / f"{m}.py").read_text().splitlines()) <= 400, m
-    for path in [*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py")]:
+    for path in [*(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        if not path.name.startswith("study"):  # scripts/study*.py: not yet under the limit
+            assert len(path.read_text().splitlines()) <= 400, path.name
+    for path in [*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno < 50, f"{path.name}: {node.name}"
