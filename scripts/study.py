@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,6 +52,7 @@ import planted  # noqa: E402
 import study_criteria  # noqa: E402  (scripts/study_criteria.py)
 import study_report  # noqa: E402  (scripts/study_report.py)
 from build import model_config  # noqa: E402
+from data import DataConfig, load_corpus  # noqa: E402
 from models import TransformerSeq  # noqa: E402
 from settings import Settings  # noqa: E402
 from threads import per_process  # noqa: E402
@@ -225,14 +226,26 @@ def timing_phase(preset: Preset, records: dict, data: Path, out: Path, wait_s: i
     return json.loads(path.read_text())
 
 
-def dry_run(runs: List[Run], preset: Preset, name: str, data: Path, out: Path, jobs: int) -> None:
+def dry_run_vocab(data: Path, source: Path, preset: Preset) -> Tuple[int, str]:
+    """The vocabulary size the runs will have and where it comes from: the data's own (read as
+    main.py reads it, through the token cache), else that of the source a planted corpus is
+    made from (planting copies adds no symbol), else the preset's (enwik8's)."""
+    for path in (data, source):
+        if path.exists() and path.suffix != ".zip":
+            return len(load_corpus(DataConfig(str(path))).vocab), f"of {path}"
+    return preset.vocab, "enwik8's; the data is not prepared yet"
+
+
+def dry_run(runs: List[Run], preset: Preset, name: str, data: Path, source: Path, out: Path,
+            jobs: int) -> None:
+    vocab, where = dry_run_vocab(data, source, preset)
     for run in runs:
         args = main_flags.build_parser().parse_args([*run.flags, "--data", str(data)])
-        cfg = model_config(Settings.from_args(args), preset.vocab)
+        cfg = model_config(Settings.from_args(args), vocab)
         with torch.device("meta"):  # counts the parameters without allocating them
             params = TransformerSeq(cfg).num_parameters()
         ckpt = out / "runs" / run.name / "model.pt"
-        print(f"{run.name} (params {params:,} with vocabulary {preset.vocab}):")
+        print(f"{run.name} (params {params:,} with vocabulary {vocab}, {where}):")
         print("  " + " ".join(train_command(run, preset, data, ckpt)))
         for cmd in eval_commands(preset, data, ckpt):
             print("  " + " ".join(cmd))
@@ -301,7 +314,7 @@ def main(argv=None) -> int:
         return 2
     if records is None:  # --dry-run: the longrange runs read OUT/planted when --data is a file
         shown = out / "planted" if preset.planted and not (data / planted.SIDE_FILE).is_file() else data
-        dry_run(runs, preset, args.preset, shown, out, args.jobs)
+        dry_run(runs, preset, args.preset, shown, data, out, args.jobs)
         return 0
     timing = None if args.report_only and not (out / "timing.json").exists() else \
         timing_phase(preset, records, data, out, wait_s=0 if args.max_steps else TIMING_WAIT_S)

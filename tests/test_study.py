@@ -177,3 +177,16 @@ def test_report_only_trains_nothing(quick):
     assert not any(line.startswith(("[", "skip")) for line in proc.stdout.splitlines())
     assert (out / "results.json").read_text() == before and (out / "report.md").exists()
     assert {n: (out / "runs" / n / "model.pt").stat().st_mtime_ns for n in NAMES} == stamps
+
+
+def test_dry_run_counts_parameters_with_the_vocabulary_of_the_data(tmp_path):
+    """Not enwik8's 205 symbols for any data: the data's own vocabulary, read as main.py reads it."""
+    from data import DataConfig, load_corpus
+    write_byte_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    vocab = len(load_corpus(DataConfig(str(tmp_path / "data"), cache_dir=str(cache))).vocab)
+    proc = subprocess.run([sys.executable, str(STUDY), "--preset", "quick", "--data", str(tmp_path / "data"),
+                           "--out", str(tmp_path / "out"), "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "ADAPTIVE_SPAN_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    assert vocab < 205 and f"with vocabulary {vocab}, of {tmp_path / 'data'}" in proc.stdout
