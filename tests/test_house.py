@@ -107,57 +107,7 @@ def test_help_loads_nothing_heavy():
     assert "scripts/launch_ranks.py" in out.stdout and "torchrun" not in out.stdout
 
 
-# ---- the import graph and the sizes ---------------------------------------------------------
-def imports_of(path: Path) -> set:
-    """Names of the modules a file imports, at any depth (function-level imports included)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def root_graph() -> dict:
-    return {m: sorted(imports_of(ROOT / f"{m}.py") & set(ROOT_MODULES) - {m}) for m in ROOT_MODULES}
-
-
-def cycles(graph: dict) -> list:
-    """Every import circle, as a path that comes back to its start (depth-first search)."""
-    found, state = [], {}
-
-    def visit(node, path):
-        state[node] = "open"
-        for nxt in graph[node]:
-            if state.get(nxt) == "open":
-                found.append(path[path.index(nxt):] + [nxt])
-            elif nxt not in state:
-                visit(nxt, path + [nxt])
-        state[node] = "done"
-    for m in graph:
-        if m not in state:
-            visit(m, [m])
-    return found
-
-
-def test_cycle_finder_finds_a_circle():
-    assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c", "a"]]
-    assert cycles({"a": ["b"], "b": [], "c": ["a", "b"]}) == []
-
-
-def test_root_modules_import_without_a_circle():
-    assert cycles(root_graph()) == []
-
-
-def test_nothing_imports_main_or_a_script():
-    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
-    for m in ROOT_MODULES:
-        assert not imports_of(ROOT / f"{m}.py") & (scripts | {"main"}) - {m}, m
-    for path in (ROOT / "scripts").glob("*.py"):
-        assert "main" not in imports_of(path), path
-
-
+# ---- the sizes (the import graph: tests/test_imports.py) ---------------------------------------------------------
 def test_main_is_wiring_and_files_and_functions_are_short():
     assert len((ROOT / "main.py").read_text().splitlines()) <= 200
     for m in ROOT_MODULES:

@@ -1,6 +1,6 @@
 """Imports go one way: the root modules' import graph (read from their source) has no
-circle and no module ``__getattr__``, and the files docs/modules.md tells users to copy
-import nothing else from this repository."""
+circle and no module ``__getattr__``, nothing imports main.py or a script, and the files
+docs/modules.md tells users to copy import nothing else from this repository."""
 import ast
 import re
 import subprocess
@@ -11,36 +11,54 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL = {p.stem for p in ROOT.glob("*.py")}
 
 
-def imports(path: Path) -> set:
-    """Root modules that ``path`` imports, at any depth of its code (lazy imports included)."""
-    found = set()
+def imports_of(path: Path) -> set:
+    """Names of the modules a file imports, at any depth (function-level imports included)."""
+    names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found & LOCAL
+            names.add(node.module.split(".")[0])
+    return names
 
 
-def graph() -> dict:
-    return {p.stem: imports(p) for p in ROOT.glob("*.py")}
+def root_graph() -> dict:
+    return {m: sorted(imports_of(ROOT / f"{m}.py") & LOCAL - {m}) for m in sorted(LOCAL)}
 
 
-def test_root_modules_import_without_a_circle():
-    edges = graph()
-    state = {}
+def cycles(graph: dict) -> list:
+    """Every import circle, as a path that comes back to its start (depth-first search)."""
+    found, state = [], {}
 
     def visit(node, path):
         state[node] = "open"
-        for nxt in sorted(edges[node]):
-            assert state.get(nxt) != "open", "import circle: " + " -> ".join(path + [nxt])
-            if nxt not in state:
+        for nxt in graph[node]:
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    return found
 
-    for node in sorted(edges):
-        if node not in state:
-            visit(node, [node])
+
+def test_cycle_finder_finds_a_circle():
+    assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": ["b"], "b": [], "c": ["a", "b"]}) == []
+
+
+def test_root_modules_import_without_a_circle():
+    assert cycles(root_graph()) == []
+
+
+def test_nothing_imports_main_or_a_script():
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    for m in sorted(LOCAL):
+        assert not imports_of(ROOT / f"{m}.py") & (scripts | {"main"}) - {m}, m
+    for path in (ROOT / "scripts").glob("*.py"):
+        assert "main" not in imports_of(path), path
 
 
 def test_no_module_getattr():
@@ -56,7 +74,7 @@ def test_documented_files_are_enough(tmp_path):
     files = re.findall(r"`(\w+\.py)`", line)
     assert "span_attention.py" in files
     for name in files:
-        assert imports(ROOT / name) <= {Path(f).stem for f in files}, name
+        assert imports_of(ROOT / name) & LOCAL <= {Path(f).stem for f in files}, name
         (tmp_path / name).write_text((ROOT / name).read_text())
     code = ("import torch\nfrom span_attention import AdaptiveSpanAttention\n"
             "from adaptive_span import AdaptiveSpan\n"
