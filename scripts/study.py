@@ -290,7 +290,7 @@ def prepare(args, preset: Preset, runs: List[Run], data: Path, out: Path):
     check_args(args)
     if args.dry_run:
         return None, data
-    criteria = record_criteria(args.preset, out)
+    record_criteria(args.preset, out)  # OUT/criteria.json, before the first run
     if preset.planted:
         data = planted_data(preset, data, out)
     torch.set_num_threads(1)

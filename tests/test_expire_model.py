@@ -139,7 +139,7 @@ def test_resharded_memories_are_padded_with_memories_no_query_weighs():
     with torch.no_grad():
         for layer in model.layers:
             layer.expire.span_predictor.weight.normal_(0, 1.0)
-    ranks, outs = [], []
+    ranks = []
     with torch.no_grad():
         for blocks, seed in ((6, 1), (2, 2)):  # two ranks: long and short memories
             g = torch.Generator().manual_seed(seed)

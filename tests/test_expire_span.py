@@ -106,7 +106,7 @@ def test_dropping_never_removes_a_memory_a_later_query_weighs():
 
 
 def test_streams_drop_the_batch_smallest_count_rounded_to_the_block():
-    M, H, R = 2, 1, 1
+    H, R = 1, 1
     module = ExpireSpan(H, 100, R, 1.0, 0.5, 0.0)
     with torch.no_grad():  # span = 100 sigmoid(h): h = -50 expires at once, h = 50 lives long
         module.span_predictor.weight.fill_(1.0)
