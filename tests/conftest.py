@@ -110,6 +110,8 @@ SLOW = {
     "test_bad_input.py": ["test_ctrl_c_through_the_launch_script_saves_without_a_traceback",
                           "test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_exactly",
                           "test_launch_script_ends_with_the_workers_error_line"],
+    "test_checkpoint_lock.py": ["test_second_training_refuses_at_once_and_the_killed_holders_lock_does_not_block",
+                                "test_ranks_share_the_lock_and_all_stop_on_refusal"],
     "test_compile.py": ["test_compiled_layers_give_the_eager_losses_with_few_graphs"],
     "test_distributed.py": ["test_a_dying_rank_ends_the_job_with_its_traceback",
                             "test_sigterm_under_torchrun_writes_a_two_rank_checkpoint",
@@ -117,6 +119,9 @@ SLOW = {
                             "test_resume_with_another_global_batch_is_a_one_line_error",
                             "test_two_rank_checkpoint_resumes_on_one_rank",
                             "test_two_ranks_give_the_losses_of_one_process"],
+    "test_expire_train.py": ["test_log_lines_report_spans_and_memory_per_layer",  # one module fixture
+                             "test_tensorboard_gets_each_layer_span_and_memory_and_the_memory_figure",
+                             "test_resume_with_variable_memory_is_bitwise", "test_full_evaluation_scores_every_token"],
     "test_fixtures.py": ["test_reference_eval_reproduces_the_printed_scores"],
     "test_main.py": ["test_all_attention_model_learns_and_resumes", "test_train_resume_and_evaluate_on_enwik8",
                      "test_word_level_adaptive_io_learns_and_reports_perplexity"],
@@ -129,9 +134,12 @@ SLOW = {
     "test_scripts_launch.py": ["test_dry_run_of_a_launch_script"],
     "test_scripts_viz.py": ["test_generation_is_reproducible_with_a_seed"],
     "test_span_attention.py": ["test_trains_inside_a_gpt_style_model"],
-    "test_study.py": ["test_gpu_dry_run_prints_each_runs_flags", "test_other_flags_in_the_same_out_is_an_error",
+    "test_study.py": ["test_dry_run_counts_parameters_with_the_vocabulary_of_the_data",
+                      "test_gpu_dry_run_prints_each_runs_flags", "test_other_flags_in_the_same_out_is_an_error",
                       "test_quick_grid_results", "test_quick_report_and_figures", "test_report_only_trains_nothing",
                       "test_rerun_skips_finished_and_resumes"],
+    "test_study_presets.py": ["test_longrange_dry_run_and_help_state_runs_and_estimate"],
+    "test_tokenizer.py": ["test_cache_memory_script_reports_the_build"],
 }
 
 
