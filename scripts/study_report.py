@@ -171,9 +171,12 @@ def timing_text(timing: Optional[dict]) -> str:
     if not timing:
         return ("No timing phase yet (it runs once the first seed of every timed configuration has finished): "
                 "no speed figure is reported.")
+    def kept(model):  # Expire-span: the memory the timing phase filled, per layer
+        return f", kept memory {'/'.join(map(str, model['mem_layers']))}" if model.get("mem_layers") else ""
+
     per = "; ".join(f"{n} {ms:.1f} ms (CPU {timing['cpu_ms'][n]:.1f} ms, span avg "
-                    f"{_fmt(timing['models'][n]['span_avg'], 0)}, {timing['models'][n]['attn_impl']} path)"
-                    for n, ms in timing["ms"].items())
+                    f"{_fmt(timing['models'][n]['span_avg'], 0)}{kept(timing['models'][n])}, "
+                    f"{timing['models'][n]['attn_impl']} path)" for n, ms in timing["ms"].items())
     return (f"Timing phase (scripts/study_timing.py, after training, one process, one thread): median ms per "
             f"forward and backward step of each first-seed checkpoint at its learned spans, the configurations "
             f"alternating, {timing['steps']} repeats: {per}. Load average {timing['load_before']:.2f} before "

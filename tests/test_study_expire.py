@@ -112,7 +112,8 @@ def test_report_shows_the_reach_table(tmp_path):
     rs += [res(E, s, copied=2.4, mem=[320, 64, 1000, 128], octaves=octaves([2.0, 2.5, 2.9, 2.5])) for s in (1, 2, 3)]
     timing = {"ms": {E: 123.4, S: 50.0}, "cpu_ms": {E: 120.0, S: 49.0}, "steps": 10, "load_before": 0.2,
               "load_after": 0.3, "process_peak_mb": 900.0,
-              "models": {E: {"span_avg": None, "attn_impl": "auto"}, S: {"span_avg": None, "attn_impl": "auto"}}}
+              "models": {E: {"span_avg": 900.0, "attn_impl": "grouped", "mem_layers": [640, 1152]},
+                         S: {"span_avg": None, "attn_impl": "grouped"}}}
     records = [record(r) for r in rs]
     verdicts = sc.evaluate(sc.CRITERIA["longrange"], rs, timing)
     study_report.write(records, tmp_path, "longrange", "note", "python scripts/study.py ...", 18, verdicts, timing)
@@ -124,6 +125,7 @@ def test_report_shows_the_reach_table(tmp_path):
     assert row.startswith(f"| {E} | 1024 | 2.400 ± 0.000 (n=3) |") and "| 123.4 |" in row
     assert "320/64/1000/128" in row and f"(dropped {100 * (1 - 378 / D):.0f}%)" in row
     assert "**Verdict: supported.** kept memory per layer" in report  # E1 on these memories
+    assert f"{E} 123.4 ms (CPU 120.0 ms, span avg 900, kept memory 640/1152, grouped path)" in report
     if (tmp_path / study_reach.FIGURE).exists():  # matplotlib installed
         assert study_reach.FIGURE in report
 
