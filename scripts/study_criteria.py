@@ -186,7 +186,59 @@ def check_rss_ratio(p, stats, timing):
             f"peak RSS {p['a']} {fmt(va, 0)} MB against {p['b']} {fmt(vb, 0)} MB ({ratio:.2f}x)")
 
 
-CHECKS = {"flat": check_flat, "no_worse": check_no_worse, "matches": check_matches, "beats": check_beats,
+# ---- reach: how far back a method's copies pay off ----------------------------------
+def octave_values(stats, config) -> Dict[str, List[float]]:
+    """Per distance octave ('64-127', ...): the seeds' valid bpc on copied positions of that octave."""
+    out: Dict[str, List[float]] = {}
+    for r in stats.get(config, {}).get("runs", []):
+        for octave, bpc in (r.get("octave_bpc") or {}).items():
+            if bpc is not None and not math.isnan(bpc):
+                out.setdefault(octave, []).append(bpc)
+    return out
+
+
+def reach(stats, a: str, b: str, floor: float = 0.02) -> Tuple[Optional[int], Dict[str, dict]]:
+    """How far back ``a`` reaches on copied positions: the upper end (hi + 1) of the farthest distance
+    octave whose mean copied bpc over ``a``'s seeds is below ``b``'s (the short span) by more than
+    that octave's margin = max(SPREAD_FACTOR x pooled sd of a's and b's seeds there, floor); 0 when no
+    octave is; None when no octave has 2 seeds of either. Also, per octave: a's and b's mean, margin."""
+    va, vb = octave_values(stats, a), octave_values(stats, b)
+    rows, farthest, tested = {}, 0, False
+    for octave in sorted(set(va) & set(vb), key=lambda o: int(o.split("-")[0])):
+        var = [stdev(v) ** 2 for v in (va[octave], vb[octave]) if len(v) >= 2]
+        m = max(SPREAD_FACTOR * math.sqrt(mean(var)), floor) if var else None
+        beats = m is not None and mean(vb[octave]) - mean(va[octave]) > m
+        rows[octave] = {"a": mean(va[octave]), "b": mean(vb[octave]), "margin": m, "beats": beats}
+        tested |= m is not None
+        farthest = int(octave.split("-")[1]) + 1 if beats else farthest
+    return (farthest if tested else None), rows
+
+
+def check_reach(p, stats, timing):
+    """``a``'s reach (``reach``, against ``b``) at least ``at_least`` tokens."""
+    far, rows = reach(stats, p["a"], p["b"], p["floor"])
+    if far is None:
+        return CANNOT, (f"no distance octave with 2 or more seeds of {p['a']} or {p['b']}: no measured spread"
+                        if rows or octave_values(stats, p["a"]) else f"no copied bpc per octave of {p['a']}")
+    text = f"{p['a']} reaches {far} tokens back (copied bpc per octave, {p['a']} / {p['b']}: " + ", ".join(
+        f"{o} {r['a']:.3f} / {r['b']:.3f}{' *' if r['beats'] else ''}" for o, r in rows.items()) + \
+        "; * below by more than the octave's margin)"
+    return (SUPPORTED if far >= p["at_least"] else NOT_SUPPORTED), text
+
+
+def check_expire_memory(p, stats, timing):
+    """In every seed of ``a``: the longest layer's kept memory > ``far`` while the mean over layers < ``most``."""
+    runs = [r for r in stats.get(p["a"], {}).get("runs", []) if r.get("mem_layers")]
+    if not runs:
+        return CANNOT, f"no finished run of {p['a']} with its kept memory per layer"
+    seen = [(max(r["mem_layers"]), mean(r["mem_layers"]), r["mem_layers"]) for r in runs]
+    ok = [top > p["far"] and avg < p["most"] for top, avg, _ in seen]
+    text = "kept memory per layer (bottom to top) per seed: " + "; ".join(
+        f"{'/'.join(map(str, layers))} (max {top}, mean {avg:.0f})" for top, avg, layers in seen)
+    return (SUPPORTED if all(ok) else NOT_SUPPORTED), text + f" ({sum(ok)} of {len(ok)} seeds meet it)"
+
+
+CHECKS = {"flat": check_flat, "reach": check_reach, "expire_memory": check_expire_memory, "no_worse": check_no_worse, "matches": check_matches, "beats": check_beats,
           "equal_flops": check_equal_flops, "spans_few_long": check_spans_few_long,
           "long_and_short": check_long_and_short, "time_ratio": check_time_ratio, "rss_ratio": check_rss_ratio}
 
@@ -247,7 +299,7 @@ def _cpu_criteria() -> List[Criterion]:
     ]
 
 
-def _longrange_criteria(D: int = 4096) -> List[Criterion]:
+def _longrange_criteria(D: int = 4096, M: int = 64) -> List[Criterion]:
     A, R, F, S = f"adaptive-{D}", f"adaptive-{D}-ref", f"fixed-{D}", "fixed-64"
     planted = ("on the planted corpus (copies at known distances in enwik8 text) at this size and length; "
                "not a natural-text benchmark")
@@ -288,6 +340,39 @@ def _longrange_criteria(D: int = 4096) -> List[Criterion]:
         Criterion("3-allattn-matches", "claim 3", f"allattn-{D} dev bpc within the margin of {A}'s, either side",
                   "matches", (("a", f"allattn-{D}"), ("b", A), ("metric", "dev_bpc"), ("spread", (S, F)),
                               ("floor", BPC_FLOOR)), "a difference larger than the seeds' spread", planted),
+        *_expire_criteria(D, M, planted),
+    ]
+
+
+def _expire_criteria(D: int, M: int, planted: str) -> List[Criterion]:
+    """Issue 22: Expire-span (--attn-lim D, block M) beside adaptive spans on the planted corpus."""
+    E, A, S = f"expire-{D}", f"adaptive-{D}", "fixed-64"
+    cp = (("metric", "copied_bpc"), ("floor", BPC_FLOOR))
+    end = "at the end of training (the last logged iteration's kept memory, the training streams')"
+    return [
+        Criterion("E1-keeps-far-drops-most", "expire span keeps some memories far past its block and drops most "
+                  f"of the rest", f"in every seed of {E}, {end}: the longest layer's kept memory > {4 * M} tokens "
+                  f"(4 x block {M}) while the mean kept memory over the layers < {D // 2} tokens (0.5 x --attn-lim "
+                  f"{D}: more than half of the positions within reach dropped)", "expire_memory",
+                  (("a", E), ("far", 4 * M), ("most", D // 2)),
+                  "whether the learned spans keep a few memories long while most expire",
+                  "which memories are kept (the kept length counts them, not what they hold); " + planted),
+        Criterion("E2-copied-vs-adaptive", "expire span against adaptive span on copies", f"{E} bpc on copied "
+                  f"positions within the margin of {A}'s, either side (two-sided); margin from the seeds of both",
+                  "matches", (("a", E), ("b", A), ("spread", (E, A))) + cp,
+                  "whether per-memory spans and per-head spans differ on the planted copies by more than the "
+                  "seeds' spread", "a difference within it; " + planted),
+        Criterion("E3-beats-short", "expire span pays off where the text needs it", f"{E} bpc on copied positions "
+                  f"lower than {S}'s by more than the margin (from the seeds of both)", "beats",
+                  (("a", E), ("b", S), ("spread", (E, S))) + cp,
+                  "whether the kept memories are used on the copies", planted),
+        Criterion("E4-reach", "how far back expire span reaches", f"{E}'s reach >= {8 * M} tokens: the farthest "
+                  f"distance octave whose mean copied bpc is below {S}'s by more than that octave's margin "
+                  f"(max({SPREAD_FACTOR:g} x pooled sd of both seeds there, floor {BPC_FLOOR})) is {4 * M}-"
+                  f"{8 * M - 1} or farther (valid, copies whose source is in the scored stream)", "reach",
+                  (("a", E), ("b", S), ("at_least", 8 * M), ("floor", BPC_FLOOR)),
+                  "whether copies more than 4 blocks back are predicted better than a 64-token span can",
+                  "octaves with few copied tokens (their bpc is noisy, which widens their margin); " + planted),
     ]
 
 

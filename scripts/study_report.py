@@ -11,16 +11,18 @@ from typing import List, Optional
 import plots
 from flops import format_flops
 from study_criteria import fmt, summarize
+from study_reach import CAPTION, FIGURE, reach_figure, reach_text
 
 FIGURES = {"a": "fig_a_bpc_vs_attn_flops.png", "b": "fig_b_attn_flops_vs_step.png",
-           "c": "fig_c_head_spans.png", "d": "fig_d_allattn_vs_ff.png", "e": "fig_e_head_spans_vs_step.png"}
+           "c": "fig_c_head_spans.png", "d": "fig_d_allattn_vs_ff.png", "e": "fig_e_head_spans_vs_step.png",
+           "f": FIGURE}
 CAPTIONS = {"a": "(a) dev bpc against attention FLOPs per token, one point per run",
             "b": "(b) attention FLOPs per token against the training step, from step 0 (first seed)",
             "c": "(c) every head's learned span, layer by layer, in the adaptive run with the largest maximum "
                  "(first seed)",
             "d": "(d) learning curves of the all-attention model and the feed-forward model (first seed)",
             "e": "(e) each head's span against the training step, from step 0 (adaptive run with the "
-                 "largest maximum, first seed)"}
+                 "largest maximum, first seed)", "f": CAPTION}
 
 
 def _first_seed(records):
@@ -39,7 +41,8 @@ def _figure_a(records):
     series = {}
     for rec in records:
         r = rec["result"]
-        kind = ("fixed span" if not r["adaptive"] else "all-attention" if r["pers_mem_size"] else
+        kind = ("Expire-span" if r.get("expire") else "fixed span" if not r["adaptive"] else
+                "all-attention" if r["pers_mem_size"] else
                 "adaptive, reference path" if r["config"].endswith("-ref") else "adaptive span (max L)")
         series.setdefault(kind, []).append((r["attn_flops_per_token"], r["dev_bpc"], f"L={r['max_span']} s{r['seed']}"))
     return plots.points_plot(series, "attention FLOPs per token (forward, end of training)",
@@ -49,7 +52,8 @@ def _figure_a(records):
 def _figure_b(records):
     series = {rec["result"]["name"]: (rec["curves"]["flops_step"], rec["curves"]["attn_flops"])
               for rec in _first_seed(records)}
-    dashed = [rec["result"]["name"] for rec in records if not rec["result"]["adaptive"]]
+    dashed = [rec["result"]["name"] for rec in records if not rec["result"]["adaptive"]
+              and not rec["result"].get("expire")]
     return plots.curves_plot(series, "training step", "attention FLOPs per token (forward)",
                              "(b) attention FLOPs as the spans are learned, from step 0 (dashed: fixed spans)",
                              logy=True, dashed=dashed)
@@ -98,7 +102,8 @@ def write_figures(records: List[dict], out: Path) -> List[str]:
     """The PNGs that could be drawn (ImportError without matplotlib)."""
     import matplotlib  # noqa: F401  (fail early and clearly)
     written = []
-    for key, make in (("a", _figure_a), ("b", _figure_b), ("c", _figure_c), ("d", _figure_d), ("e", _figure_e)):
+    for key, make in (("a", _figure_a), ("b", _figure_b), ("c", _figure_c), ("d", _figure_d), ("e", _figure_e),
+                      ("f", reach_figure)):
         fig = make(records)
         if fig is not None:
             plots.save(fig, out / FIGURES[key])
@@ -166,9 +171,12 @@ def timing_text(timing: Optional[dict]) -> str:
     if not timing:
         return ("No timing phase yet (it runs once the first seed of every timed configuration has finished): "
                 "no speed figure is reported.")
+    def kept(model):  # Expire-span: the memory the timing phase filled, per layer
+        return f", kept memory {'/'.join(map(str, model['mem_layers']))}" if model.get("mem_layers") else ""
+
     per = "; ".join(f"{n} {ms:.1f} ms (CPU {timing['cpu_ms'][n]:.1f} ms, span avg "
-                    f"{_fmt(timing['models'][n]['span_avg'], 0)}, {timing['models'][n]['attn_impl']} path)"
-                    for n, ms in timing["ms"].items())
+                    f"{_fmt(timing['models'][n]['span_avg'], 0)}{kept(timing['models'][n])}, "
+                    f"{timing['models'][n]['attn_impl']} path)" for n, ms in timing["ms"].items())
     return (f"Timing phase (scripts/study_timing.py, after training, one process, one thread): median ms per "
             f"forward and backward step of each first-seed checkpoint at its learned spans, the configurations "
             f"alternating, {timing['steps']} repeats: {per}. Load average {timing['load_before']:.2f} before "
@@ -210,7 +218,7 @@ def write(records: List[dict], out: Path, preset: str, note: str, command: str, 
              "included; a fixed span shows L. Step times come only from the timing phase below, never from the "
              "training runs' tokens/s (the runs share the machine).", "",
              "## By configuration (mean ± sd over seeds)", "", summary_table(records, timing), "",
-             timing_text(timing), "", "## Every run", "", table(records), "",
+             timing_text(timing), "", *reach_text(records, timing), "## Every run", "", table(records), "",
              usage_text(records), ""]
     if missing:
         lines += [missing, ""]

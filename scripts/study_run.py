@@ -28,7 +28,8 @@ from train_state import load_model_state  # noqa: E402
 
 RESULT_KEYS = ("name", "config", "seed", "max_span", "adaptive", "pers_mem_size", "params", "steps", "dev_bpc",
                "test_bpc", "copied_bpc", "ordinary_bpc", "attn_flops_per_token", "model_flops_per_token",
-               "tokens_per_s", "peak_mem_mb", "span_avg", "span_max", "head_spans")
+               "tokens_per_s", "peak_mem_mb", "span_avg", "span_max", "head_spans", "expire", "mem_layers",
+               "mem_avg", "mem_max", "dropped_frac", "octave_bpc")
 RUNNING = set()  # the child processes, asked to checkpoint and stop when the study gets SIGTERM
 STOP = threading.Event()  # set by SIGTERM: start no further process
 
@@ -130,13 +131,14 @@ def read_metrics(logdir: Path) -> List[dict]:
 
 
 # ---- the record -------------------------------------------------------------------
-def model_figures(run: Run, ckpt_path: Path) -> dict:
-    """Parameters, FLOPs and spans of the trained model in the checkpoint, and at step 0."""
+def model_figures(run: Run, ckpt_path: Path, memory: Optional[List[int]] = None) -> dict:
+    """Parameters, FLOPs and spans of the trained model in the checkpoint, and at step 0; with
+    expire span, FLOPs at ``memory`` kept memories per layer (the longest possible when None)."""
     ckpt = ckpt_io.load_checkpoint(ckpt_path, log=lambda msg: None)
     initial = TransformerSeq(ModelConfig(**ckpt["config"]["model"]))  # the spans at step 0
     model = TransformerSeq(ModelConfig(**ckpt["config"]["model"]))
     load_model_state(model, ckpt, ckpt_path)
-    cost = flops.flops_per_token(model)
+    cost = flops.flops_per_token(model, memory, ckpt["config"]["train"]["block_size"])
     stats = model.span_stats()
     return {"params": model.num_parameters(), "steps": int(ckpt["step"]),
             "attn_flops_per_token": cost.attn, "model_flops_per_token": cost.model,
@@ -159,12 +161,38 @@ def span_curves(fig: dict, metrics: List[dict]) -> dict:
                                                           if "flops/attn_flops" in m]}
 
 
+def expire_figures(run: Run, metrics: List[dict]) -> dict:
+    """Expire span, from the last logged iteration: the memory kept per layer (``mem_layers``),
+    its mean and largest, the kept memories' mean and largest span, and ``dropped_frac`` =
+    1 - mean kept memory / L (the share of the L positions within reach that are not kept)."""
+    none = {"mem_layers": None, "mem_avg": None, "mem_max": None, "dropped_frac": None}
+    if not run.expire:
+        return none
+    last = next((m for m in reversed(metrics) if "span/mem_avg" in m), None)
+    if last is None:
+        return none
+    layers = [int(last[k]) for k in sorted(k for k in last if k.startswith("span_mem/layer_"))]
+    return {"mem_layers": layers, "mem_avg": last["span/mem_avg"], "mem_max": last["span/mem_max"],
+            "dropped_frac": 1 - last["span/mem_avg"] / run.max_span, "span_avg": last["span/span_avg"],
+            "span_max": last["span/span_max"]}
+
+
+def octave_bpc(evals: dict) -> Optional[dict]:
+    """Valid bpc of the copied positions per distance octave (``copied_<lo>-<hi>``), by octave."""
+    groups = evals.get("copy_scores", {}).get("valid", {})
+    return {k[len("copied_"):]: g["bpc"] for k, g in groups.items()
+            if k[len("copied_"):][:1].isdigit() and g["tokens"]} or None
+
+
 def make_record(run: Run, folder: Path, evals: dict, peak_mb: float, seconds: dict) -> dict:
-    fig = model_figures(run, folder / "model.pt")
     metrics = read_metrics(folder / "model.logs")
+    memory = expire_figures(run, metrics)
+    fig = model_figures(run, folder / "model.pt", memory["mem_layers"])
     speeds = sorted(m["tokens_per_s"] for m in metrics if "tokens_per_s" in m)
     result = {"name": run.name, "config": run.config, "seed": run.seed, "max_span": run.max_span,
               "adaptive": run.adaptive, "pers_mem_size": run.pers_mem_size, **fig, **evals,
+              **{k: v for k, v in memory.items() if v is not None or k not in fig}, "expire": run.expire,
+              "octave_bpc": octave_bpc(evals),
               "tokens_per_s": speeds[len(speeds) // 2] if speeds else None, "peak_mem_mb": round(peak_mb, 1)}
     history = fig["history"]
     curves = {"step": history.get("step", []), "train_bpc": history.get("train_bpc", []),

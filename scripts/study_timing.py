@@ -6,7 +6,9 @@ configurations alternating in one process (scripts/measure.py's interleaved time
 
 Each checkpoint's model (with its learned spans and its --attn-impl) runs forward and backward
 on consecutive training blocks of --data, its cache carried, at the batch and block size it was
-trained with; no optimizer update, so the spans stay as learned while timed. Two warm-up steps
+trained with; no optimizer update, so the spans stay as learned while timed. An Expire-span
+model's memory first fills: ceil((L + R) / M) blocks forward without gradients, so that it is
+timed at the memory its learned spans keep (its length per layer is written). Two warm-up steps
 each, then --steps repeats in which every configuration takes one step, the order alternating.
 First waits (--wait seconds at most) for the 1-minute load average to fall to --idle-load.
 Writes the median wall and CPU ms per step of each, the 1-minute load average before and after
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import checkpoint as ckpt_io  # noqa: E402
+import expire_span  # noqa: E402
 import measure  # noqa: E402  (scripts/measure.py)
 from data import DataConfig, batchify, load_corpus  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
@@ -41,6 +44,16 @@ def training_step(ckpt_path: Path, ids):
     B, M = ckpt["config"]["train"]["batch_size"], ckpt["config"]["train"]["block_size"]
     rows = torch.from_numpy(batchify(ids, B).astype("int64"))  # (B, n)
     state = {"pos": 0, "caches": model.init_cache(B)}
+    info = {"span_avg": model.span_stats().get("span_avg"), "attn_impl": model.cfg.attn_impl}
+    if model.cfg.expire_span:  # fill the memory to what the learned spans keep, without gradients
+        cfg = model.cfg
+        with torch.no_grad():
+            for _ in range(-(-(cfg.attn_lim + cfg.expire_span_ramp) // M)):
+                x = rows[:, state["pos"]:state["pos"] + M]  # (B, M)
+                _, state["caches"] = model(x, state["caches"])
+                state["pos"] += M
+        layers = expire_span.memory_stats(state["caches"])
+        info.update(expire_span.summary(layers), mem_layers=[s["mem"] for s in layers])
 
     def step():
         p = state["pos"]
@@ -52,7 +65,7 @@ def training_step(ckpt_path: Path, ids):
         model.zero_grad(set_to_none=True)
         state["pos"] = p + M
 
-    return step, {"span_avg": model.span_stats().get("span_avg"), "attn_impl": model.cfg.attn_impl}
+    return step, info
 
 
 def wait_for_idle(load: float, seconds: float) -> float:

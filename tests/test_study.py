@@ -24,7 +24,8 @@ CONFIGS = ["fixed-64", "fixed-256", "fixed-1024", "adaptive-256", "adaptive-1024
 NAMES = [f"{c}-s1" for c in CONFIGS]  # the quick preset: one seed
 KEYS = ["name", "config", "seed", "max_span", "adaptive", "pers_mem_size", "params", "steps", "dev_bpc",
         "test_bpc", "copied_bpc", "ordinary_bpc", "attn_flops_per_token", "model_flops_per_token",
-        "tokens_per_s", "peak_mem_mb", "span_avg", "span_max", "head_spans"]
+        "tokens_per_s", "peak_mem_mb", "span_avg", "span_max", "head_spans", "expire", "mem_layers", "mem_avg",
+        "mem_max", "dropped_frac", "octave_bpc"]
 CPU_SHAPE = {"nlayers": 4, "hidden": 128, "nheads": 4}  # the quick preset's model
 
 
@@ -69,6 +70,7 @@ def test_quick_grid_results(quick):
                     "peak_mem_mb", "span_avg", "span_max"):
             assert isinstance(r[key], float) and r[key] > 0, key
         assert r["config"] == r["name"][:-3] and r["seed"] == 1 and r["copied_bpc"] is None
+        assert r["expire"] is False and r["mem_layers"] is None and r["octave_bpc"] is None
         assert 0 < r["dev_bpc"] < 9 and 0 < r["test_bpc"] < 9  # 256 symbols at most: 8 bits
         if r["adaptive"]:
             spans = r["head_spans"]
@@ -106,8 +108,11 @@ def test_quick_report_and_figures(quick):
     except ImportError:
         assert "matplotlib is not installed" in report
         return
-    for name in study_report.FIGURES.values():
+    for key, name in study_report.FIGURES.items():
         png = out / name
+        if key == "f":  # copied bpc per distance octave: a planted corpus only
+            assert not png.exists() and f"({name})" not in report
+            continue
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name})" in report
 
 

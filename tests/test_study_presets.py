@@ -31,13 +31,14 @@ def study(*args):
 
 def test_longrange_grid_is_every_configuration_at_every_seed():
     runs = sp.build_grid(LR)
-    configs = ["fixed-64", f"fixed-{D}", f"adaptive-{D}", f"adaptive-{D}-ref", f"allattn-{D}"]
+    configs = ["fixed-64", f"fixed-{D}", f"adaptive-{D}", f"adaptive-{D}-ref", f"allattn-{D}", f"expire-{D}"]
     assert [r.name for r in runs] == [f"{c}-s{s}" for s in (1, 2, 3) for c in configs]
     for r in runs:
         f = r.flags
         assert f[f.index("--seed") + 1] == str(r.seed) and f.count("--seed") == 1
         assert f[f.index("--nbatches") + 1] == "25" and f[f.index("--niter") + 1] == str(LR.steps // 25)
-        assert f[f.index("--attn-span") + 1] == str(r.max_span)
+        assert f[f.index("--attn-span") + 1] == ("64" if r.expire else str(r.max_span))  # expire: the block
+        assert ("--expire-span" in f) == r.expire == (r.config == f"expire-{D}")
         assert ("--adapt-span" in f) == r.adaptive
         if r.adaptive:
             assert f[f.index("--adapt-span-init") + 1] == "0.5" and f[f.index("--adapt-span-loss") + 1] == "2e-6"
@@ -55,7 +56,7 @@ def test_estimate_is_the_sum_of_step_times():
     assert e["train_s"] == pytest.approx(train)
     assert e["minutes"] == pytest.approx((train + e["eval_s"]) / 2 / 60 + (e["timing_s"] + sp.TIMING_WAIT_S) / 60)
     assert e["minutes"] <= 90  # the bound, at the estimated step times
-    assert "ESTIMATED" in sp.describe("longrange") and "15 runs" in sp.describe("longrange")
+    assert "ESTIMATED" in sp.describe("longrange") and "18 runs" in sp.describe("longrange")
 
 
 def result(config, seed, dev, copied=None, flops=1e6, spans=None, rss=500.0):
@@ -178,7 +179,9 @@ def test_longrange_dry_run_and_help_state_runs_and_estimate(tmp_path):
     lines = [l.strip() for l in proc.stdout.splitlines()]
     train = [l for l in lines if " main.py " in l]
     score = [l for l in lines if "scripts/score_copies.py" in l]
-    assert len(train) == 15 and len(score) == 30
+    assert len(train) == 18 and len(score) == 36
+    expire = [l for l in train if f"--expire-span --attn-lim {D} " in l]
+    assert len(expire) == 3 and all("--attn-span 64 " in l and "--expire-span-ramp 64" in l for l in expire)
     assert all(f"--data {tmp_path / 'out' / 'planted'} " in l for l in train)  # planted from --data first
     assert lines[-1] == sp.describe("longrange") and "ESTIMATED" in lines[-1]
     assert not (tmp_path / "out").exists()
