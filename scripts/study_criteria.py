@@ -351,7 +351,7 @@ def _expire_criteria(D: int, M: int, planted: str) -> List[Criterion]:
     end = "at the end of training (the last logged iteration's kept memory, the training streams')"
     return [
         Criterion("E1-keeps-far-drops-most", "expire span keeps some memories far past its block and drops most "
-                  f"of the rest", f"in every seed of {E}, {end}: the longest layer's kept memory > {4 * M} tokens "
+                  "of the rest", f"in every seed of {E}, {end}: the longest layer's kept memory > {4 * M} tokens "
                   f"(4 x block {M}) while the mean kept memory over the layers < {D // 2} tokens (0.5 x --attn-lim "
                   f"{D}: more than half of the positions within reach dropped)", "expire_memory",
                   (("a", E), ("far", 4 * M), ("most", D // 2)),
