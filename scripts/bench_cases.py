@@ -17,6 +17,7 @@ from attention import plan_groups  # noqa: E402
 from compile_model import compile_layers  # noqa: E402
 from models import ATTN_IMPLS, ModelConfig, TransformerSeq  # noqa: E402
 from optim import AdagradWithGradClip  # noqa: E402
+from measure import training_step  # noqa: E402  (scripts/measure.py)
 
 IMPLS = ("reference", "grouped")
 PROFILES = ("learned", "short", "mixed", "max")
@@ -122,20 +123,14 @@ def model_step(cfg: ModelConfig, spans: list, B: int, M: int, device: str, bf16:
     counter = compile_layers(model) if compiled else None
     opt = AdagradWithGradClip(model.parameters(), lr=0.07, grad_clip=0.03)
     x = torch.randint(0, cfg.vocab_size, (B, M + 1), device=device)
-    state = {"caches": [torch.randn_like(c) for c in model.init_cache(B, device)]}
+    caches = [torch.randn_like(c) for c in model.init_cache(B, device)]
 
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            nll, caches = model(x[:, :-1], state["caches"], x[:, 1:])  # (B, M)
-            loss = nll.mean() + model.span_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def keep_spans():
         for layer in model.layers:  # keep the spans where they were set
             set_spans(layer.span, spans)
         model.refresh_spans()  # as clamp_spans does after every update
-        state["caches"] = caches
 
+    step = training_step(model, opt, x, caches, device, bf16, after=keep_spans)
     step.counter = counter
     return step
 

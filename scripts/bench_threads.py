@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from measure import time_interleaved_cpu  # noqa: E402
+from measure import time_interleaved_cpu, training_step  # noqa: E402
 from models import ModelConfig, TransformerSeq  # noqa: E402
 
 BURN = "while True: pass"
@@ -36,18 +36,7 @@ def quick_start_step():
     model = TransformerSeq(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=0.003)
     x = torch.randint(0, 256, (16, 65))  # (B, M + 1)
-    state = {"caches": model.init_cache(16)}
-
-    def step():
-        nll, caches = model(x[:, :-1], state["caches"], x[:, 1:])  # (B, M)
-        loss = nll.mean() + model.span_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.clamp_spans()
-        state["caches"] = [c.detach() for c in caches]
-
-    return step
+    return training_step(model, opt, x, model.init_cache(16))
 
 
 def with_threads(step, n: int):

@@ -91,3 +91,22 @@ def matmul_seconds(n: int = 512):
     """A step that multiplies two n x n fp32 matrices, and its FLOPs."""
     a, b = torch.randn(n, n), torch.randn(n, n)  # (n, n)
     return (lambda: torch.mm(a, b)), 2.0 * n ** 3
+
+
+def training_step(model, optimizer, x: torch.Tensor, caches: list, device: str = "cpu",
+                  bf16: bool = False, after=None):
+    """A closure that runs one training step of ``model`` on the fixed tokens x (B, M + 1):
+    forward over the carried caches, span loss, backward, ``optimizer`` step, then ``after()``
+    (default: ``model.clamp_spans``); the benchmarks and the smoke test time it."""
+    state = {"caches": caches}
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            nll, nxt = model(x[:, :-1], state["caches"], x[:, 1:])  # (B, M)
+            loss = nll.mean() + model.span_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        (after or model.clamp_spans)()
+        state["caches"] = [c.detach() for c in nxt]
+    return step

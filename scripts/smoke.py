@@ -73,20 +73,10 @@ def peak_flops(torch, device: str):
 
 def train_step(torch, model, batch: int, block: int, device: str, bf16: bool):
     """One training step of ``model`` on random tokens (forward, span loss, backward, Adagrad)."""
+    from measure import training_step
     opt = torch.optim.Adagrad(model.parameters(), lr=0.07)
     x = torch.randint(0, model.cfg.vocab_size, (batch, block + 1), device=device)  # (B, M + 1)
-    state = {"caches": model.init_cache(batch, device)}
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            nll, caches = model(x[:, :-1], state["caches"], x[:, 1:])  # (B, M)
-            loss = nll.mean() + model.span_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.clamp_spans()
-        state["caches"] = [c.detach() for c in caches]
-    return step
+    return training_step(model, opt, x, model.init_cache(batch, device), device, bf16)
 
 
 def plan_text(model, batch: int, block: int) -> str:
