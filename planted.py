@@ -26,6 +26,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from reference_format import write_tokens
 from utils import ConfigError
 
 SIDE_FILE = "copies.json"
@@ -101,19 +102,11 @@ def copy_distances(runs: List[List[int]], n: int) -> np.ndarray:
 
 
 # ---- the prepared folder --------------------------------------------------------
-def enwik8_format(part: np.ndarray) -> bytes:
-    """The reference enwik8 on-disk format of ``part``: every byte as its decimal value,
-    tokens separated by one space, a newline byte written as a real line break, no final
-    separator (what scripts/prepare_data.py writes)."""
-    words = [b"\n" if v == 10 else str(v).encode() for v in range(256)]
-    return b" ".join(words[v] for v in part.tolist())
-
-
 def write_folder(splits: Dict[str, np.ndarray], runs: Dict[str, List[List[int]]], out: Path,
                  info: dict) -> None:
     """``{split}.txt`` (enwik8 format), ``{split}.txt.raw``, the side file and the marker."""
     for name in SPLITS:
-        (out / f"{name}.txt").write_bytes(enwik8_format(splits[name]))
+        write_tokens(splits[name], out / f"{name}.txt", "enwik8")
         (out / f"{name}.txt.raw").write_bytes(splits[name].tobytes())
     side = {"format": FORMAT_VERSION, "fields": ["start", "length", "distance"],
             "tokens": {name: int(len(splits[name])) for name in SPLITS}, **runs}

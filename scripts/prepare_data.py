@@ -40,7 +40,7 @@ except ImportError:  # progress bars are optional
 PROG = "get_data.sh"
 MARKER = ".prepared.json"
 SPLITS = ("train", "valid", "test")
-CHUNK = 1 << 22  # bytes converted per step (bounds memory to ~16x this)
+CHUNK = 1 << 22  # bytes copied per step
 
 
 @dataclass(frozen=True)
@@ -76,43 +76,13 @@ def progress(total: int, desc: str):
 
 
 # --------------------------------------------------------------------------- conversion
-def byte_token_table():
-    """Row v holds the text of byte v followed by its separator; ``keep`` marks used cells."""
-    table = np.zeros((256, 4), dtype=np.uint8)  # (256, 4)
-    lengths = np.zeros(256, dtype=np.int64)  # (256,)
-    for value in range(256):
-        entry = (b"\n" if value == 10 else str(value).encode()) + b" "
-        table[value, : len(entry)] = np.frombuffer(entry, dtype=np.uint8)
-        lengths[value] = len(entry)
-    keep = np.arange(4)[None, :] < lengths[:, None]  # (256, 4)
-    return table, keep
-
-
-def enwik8_text(chunk: np.ndarray, table: np.ndarray, keep: np.ndarray) -> bytes:
-    """Decimal tokens of ``chunk``, each followed by one space (vectorised)."""
-    return table[chunk][keep[chunk]].tobytes()  # (sum of token lengths,)
-
-
-def text8_text(chunk: np.ndarray) -> bytes:
-    """Characters of ``chunk`` with '_' for a space, each followed by one space."""
-    out = np.full(2 * len(chunk), ord(" "), dtype=np.uint8)  # (2n,)
-    out[0::2] = np.where(chunk == ord(" "), ord("_"), chunk)  # (n,)
-    return out.tobytes()
-
-
 def write_tokens(part: np.ndarray, path: Path, kind: str) -> None:
-    """Write ``part`` in the dataset's token format, streaming in chunks."""
-    table, keep = byte_token_table()
+    """Write ``part`` in the dataset's token format (reference_format.py, the library module
+    beside scripts/, imported where it is used), with a progress bar."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import reference_format
     bar = progress(len(part), path.name)
-    with open(path, "wb") as f:
-        for start in range(0, len(part), CHUNK):
-            chunk = part[start : start + CHUNK]  # (<= CHUNK,)
-            text = enwik8_text(chunk, table, keep) if kind == "enwik8" else text8_text(chunk)
-            if start + CHUNK >= len(part):
-                text = text[:-1]  # no separator after the last token
-            f.write(text)
-            if bar is not None:
-                bar.update(len(chunk))
+    reference_format.write_tokens(part, path, kind, on_chunk=None if bar is None else bar.update)
     if bar is not None:
         bar.close()
 

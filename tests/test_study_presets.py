@@ -197,6 +197,7 @@ def test_longrange_plants_an_enwik8_folder(tmp_path):
     import numpy as np
 
     import planted
+    import reference_format
     import study
     rng = np.random.default_rng(0)
     words = [b"the ", b"cat ", b"sat\n", b"on ", b"<page> ", b"[[a]] "]
@@ -206,7 +207,7 @@ def test_longrange_plants_an_enwik8_folder(tmp_path):
     folder.mkdir()
     for name in planted.SPLITS:
         part = np.frombuffer(text[start:start + sizes[name]], dtype=np.uint8)
-        (folder / f"{name}.txt").write_bytes(planted.enwik8_format(part))
+        (folder / f"{name}.txt").write_bytes(reference_format.formatted(part, "enwik8"))
         start += sizes[name]
     assert study.enwik8_folder_bytes(folder) == (text, 3000)
     out = study.planted_data(LR, folder, tmp_path / "out")
