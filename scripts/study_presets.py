@@ -74,7 +74,7 @@ CPU_CONFIGS = (Config("fixed-64", 64, False), Config("fixed-256", 256, False), C
                Config("adaptive-8192", 8192, True), Config("allattn-8192", 8192, True, pers_mem_size=256))
 # ms per step of each cpu-preset command alone on an idle 2-core machine, 30 steps, OMP_NUM_THREADS=1
 # (docs/performance.md, "Study presets"); evaluation: the CPU seconds of the cpu study's evaluations
-# (docs/study.md's table; fixed-256's was not counted in full and is taken between its neighbours').
+# (docs/study/cpu-2026-12-03/report.md, its table; fixed-256's was not counted in full and is taken between its neighbours').
 CPU_STEP_S = {"fixed-64": 0.281, "fixed-256": 0.355, "fixed-1024": 1.622, "adaptive-256": 0.416,
               "adaptive-1024": 0.484, "adaptive-8192": 0.545, "allattn-8192": 0.492}
 CPU_EVAL_S = {"fixed-64": 16, "fixed-256": 40, "fixed-1024": 65, "adaptive-256": 13, "adaptive-1024": 15,
