@@ -196,6 +196,7 @@ def test_unwritable_output_is_found_before_training(workdir, capsys, case):
 
 # ---- 5. Ctrl-C --------------------------------------------------------------------------
 def test_ctrl_c_is_a_stop_request_and_a_second_press_aborts():
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job (nohup, &)
     with StopFlag.restoring():
         stop = StopFlag()
         assert stop.agreed(DistInfo()) is None
@@ -212,7 +213,7 @@ def test_ctrl_c_is_a_stop_request_and_a_second_press_aborts():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         assert term.agreed(DistInfo()) == 0
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def read_until(proc, pattern: str, timeout: float = 120) -> list:
