@@ -147,7 +147,7 @@ LR_NOTE = (f"The planted corpus: the enwik8 prefix with copies of earlier passag
 PRESETS = {
     "quick": Preset(CPU_MODEL, CPU_PERS, "2e-6", "0", steps=100, nbatches=20, warmup=10, configs=CPU_CONFIGS,
                     seeds=(1,), step_s=CPU_STEP_S, eval_s=CPU_EVAL_S, timed=("adaptive-256", "adaptive-8192"),
-                    timing_steps=3, note="The cpu preset's model at 1/10 of its steps, one seed. " + CPU_NOTE),
+                    timing_steps=3, note="The cpu preset's model at 1/5 of its steps, one seed. " + CPU_NOTE),
     "cpu": Preset(CPU_MODEL, CPU_PERS, "2e-6", "0", steps=CPU_STEPS, nbatches=50, warmup=50, configs=CPU_CONFIGS,
                   step_s=CPU_STEP_S, eval_s=CPU_EVAL_S, note=CPU_NOTE + CPU_SIZE,
                   timed=("fixed-64", "fixed-1024", "adaptive-256", "adaptive-8192", "allattn-8192")),
