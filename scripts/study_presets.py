@@ -74,7 +74,8 @@ CPU_CONFIGS = (Config("fixed-64", 64, False), Config("fixed-256", 256, False), C
                Config("adaptive-8192", 8192, True), Config("allattn-8192", 8192, True, pers_mem_size=256))
 # ms per step of each cpu-preset command alone on an idle 2-core machine, 30 steps, OMP_NUM_THREADS=1
 # (docs/performance.md, "Study presets"); evaluation: the CPU seconds of the cpu study's evaluations
-# (docs/study/cpu-2026-12-03/report.md, its table; fixed-256's was not counted in full and is taken between its neighbours').
+# (docs/study/cpu-2026-12-03/report.md, its table; fixed-256's was not counted in full and is taken
+# between its neighbours').
 CPU_STEP_S = {"fixed-64": 0.281, "fixed-256": 0.355, "fixed-1024": 1.622, "adaptive-256": 0.416,
               "adaptive-1024": 0.484, "adaptive-8192": 0.545, "allattn-8192": 0.492}
 CPU_EVAL_S = {"fixed-64": 16, "fixed-256": 40, "fixed-1024": 65, "adaptive-256": 13, "adaptive-1024": 15,
@@ -85,14 +86,13 @@ CPU_NOTE = ("The schedule is sized by the step time of each run's `python main.p
             "the schedule and the duration estimate only and are not quoted as speed. Speed verdicts use the "
             "interleaved timing phase after training, on an idle machine; never the runs' tokens/s.")
 
-# 500 steps (warm-up 50): 7 configurations x 3 seeds in about an hour on 2 idle cores (the estimate that
-# `python scripts/study.py --preset cpu --dry-run` prints). The 1-seed cpu study of 2026-12-03 ran 1,000 steps
-# (warm-up 100); halving the schedule, so that three seeds fit the time one seed took, was decided before
-# the 3-seed runs and changes no criterion.
-CPU_STEPS = 500
-CPU_SIZE = (f" {CPU_STEPS} steps per run (warm-up 50), so that 3 seeds of the 7 configurations fit in about an "
-            "hour; the 1-seed study of 2026-12-03 ran 1,000 steps. Short runs favour the configurations that "
-            "learn fastest early: the bpc verdicts compare models at this training length only.")
+# The cpu schedule, halved from the 1-seed study of 2026-12-03 (1,000 steps, warm-up 100) before the
+# 3-seed runs, changing no criterion; `python scripts/study.py --preset cpu --dry-run` prints its estimate.
+CPU_STEPS, CPU_WARMUP = 500, 50
+CPU_SIZE = (f" {CPU_STEPS} steps per run (warm-up {CPU_WARMUP}), so that 3 seeds of the 7 configurations fit "
+            "in about an hour; the 1-seed study of 2026-12-03 ran 1,000 steps. Short runs favour the "
+            "configurations that learn fastest early: the bpc verdicts compare models at this training length only.")
+QUICK_STEPS = 100
 
 # ---- longrange: the planted corpus (D = 4096) -----------------------------------------
 D = 4096  # the longest planted distance, and the adaptive and long fixed maximum span
@@ -145,11 +145,12 @@ LR_NOTE = (f"The planted corpus: the enwik8 prefix with copies of earlier passag
            f"iteration, and the timing phase first fills its memory.")
 
 PRESETS = {
-    "quick": Preset(CPU_MODEL, CPU_PERS, "2e-6", "0", steps=100, nbatches=20, warmup=10, configs=CPU_CONFIGS,
+    "quick": Preset(CPU_MODEL, CPU_PERS, "2e-6", "0", steps=QUICK_STEPS, nbatches=20, warmup=10, configs=CPU_CONFIGS,
                     seeds=(1,), step_s=CPU_STEP_S, eval_s=CPU_EVAL_S, timed=("adaptive-256", "adaptive-8192"),
-                    timing_steps=3, note="The cpu preset's model at 1/5 of its steps, one seed. " + CPU_NOTE),
-    "cpu": Preset(CPU_MODEL, CPU_PERS, "2e-6", "0", steps=CPU_STEPS, nbatches=50, warmup=50, configs=CPU_CONFIGS,
-                  step_s=CPU_STEP_S, eval_s=CPU_EVAL_S, note=CPU_NOTE + CPU_SIZE,
+                    timing_steps=3, note=f"The cpu preset's model at {QUICK_STEPS} of its {CPU_STEPS} steps, one "
+                                         "seed. " + CPU_NOTE),
+    "cpu": Preset(CPU_MODEL, CPU_PERS, "2e-6", "0", steps=CPU_STEPS, nbatches=50, warmup=CPU_WARMUP,
+                  configs=CPU_CONFIGS, step_s=CPU_STEP_S, eval_s=CPU_EVAL_S, note=CPU_NOTE + CPU_SIZE,
                   timed=("fixed-64", "fixed-1024", "adaptive-256", "adaptive-8192", "allattn-8192")),
     "longrange": Preset(LR_MODEL, LR_PERS, "2e-6", "0.5", steps=LR_STEPS, nbatches=25, warmup=30,
                         configs=LR_CONFIGS, step_s=LR_STEP_S, eval_s=LR_EVAL_S, note=LR_NOTE,
